@@ -1,0 +1,45 @@
+"""The project's exceptions: a shallow tree rooted at OrchestratorError."""
+
+
+class OrchestratorError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class ConfigError(OrchestratorError):
+    """The configuration is invalid or inconsistent."""
+
+
+class BusError(OrchestratorError):
+    """Talking to NATS failed."""
+
+
+class NotConnected(BusError):
+    """No NATS server could be reached."""
+
+
+class TopologyError(BusError):
+    """A stream or consumer exists with a configuration that cannot be brought in line."""
+
+
+class Overloaded(BusError):
+    """The target stream is full (`discard=new` rejected the publish): back off and retry."""
+
+    def __init__(self, subject: str, detail: str = "") -> None:
+        self.subject = subject
+        super().__init__(f"stream for {subject!r} is full{': ' + detail if detail else ''}")
+
+
+class PublishTimeout(BusError):
+    """The server did not acknowledge a publish in time; it may or may not be stored."""
+
+
+class InvalidMessage(OrchestratorError):
+    """A message could not be decoded into a valid envelope; `reason` says precisely why."""
+
+
+class ResultTimeout(OrchestratorError):
+    """No result arrived for a request within the caller's timeout."""
+
+    def __init__(self, request_id: str, timeout: float) -> None:
+        self.request_id = request_id
+        super().__init__(f"no result for request {request_id} within {timeout:g}s")

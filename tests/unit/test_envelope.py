@@ -1,0 +1,68 @@
+"""The envelope on the wire: round trips and precise errors."""
+
+import orjson
+import pytest
+
+from shared.envelope import Envelope, Hop, Result, decode, encode, new_request
+from shared.errors import InvalidMessage
+
+
+def test_round_trip_keeps_every_field():
+    env = new_request("héllo ✓", "sess.with dots*>", metadata={"k": 1, "b": True, "n": None})
+    env = env.model_copy(update={"context": ["a"], "tokens": ["x ", "y"], "prompt": "p"})
+    env.hops.append(Hop(stage="rag", instance="i", received=1.0, done=2.0))
+    assert decode(encode(env), Envelope, 10_000) == env
+
+
+def test_encoded_form_is_json_with_version():
+    raw = orjson.loads(encode(new_request("q", "s", request_id="r-1")))
+    assert raw["v"] == 1
+    assert raw["request_id"] == "r-1"
+    assert raw["session_id"] == "s"
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"not json", "not valid JSON"),
+        (b"\xff\xfe\x00", "not valid JSON"),
+        (b"[1, 2]", "expected a JSON object, got list"),
+        (b'{"v": 2}', "unsupported envelope version 2"),
+        (b'{"request_id": "a"}', "unsupported envelope version None"),
+        (
+            b'{"v":1,"request_id":"a","session_id":"s","input":5,"created_at":1}',
+            "input: Input should be a valid string",
+        ),
+        (b'{"v":1,"request_id":"a b","session_id":"s","input":"x","created_at":1}', "request_id"),
+        (b'{"v":1,"request_id":"a","input":"x","created_at":1}', "session_id: Field required"),
+        (
+            b'{"v":1,"request_id":"a","session_id":"s","input":"x","created_at":1,"extra":1}',
+            "extra: Extra inputs are not permitted",
+        ),
+        (
+            b'{"v":1,"request_id":"a","session_id":"s","input":"x","created_at":"1"}',
+            "created_at: Input should be a valid number",
+        ),
+    ],
+)
+def test_bad_messages_name_the_problem(data, expected):
+    with pytest.raises(InvalidMessage, match=expected.replace("(", r"\(")):
+        decode(data, Envelope, 10_000)
+
+
+def test_size_limit_is_checked_before_parsing():
+    data = encode(new_request("x" * 2000, "s"))
+    with pytest.raises(InvalidMessage, match=r"over the limit of 1000"):
+        decode(data, Envelope, 1000)
+
+
+def test_result_round_trip():
+    result = Result(
+        request_id="r", session_id="s", output="o", created_at=1.0, completed_at=2.0, hops=[]
+    )
+    assert decode(encode(result), Result, 1000) == result
+
+
+def test_new_request_rejects_bad_request_id():
+    with pytest.raises(InvalidMessage, match="request_id"):
+        new_request("q", "s", request_id="has.dots")
