@@ -1,0 +1,408 @@
+"""The bus: the only module that talks to nats-py.
+
+Everything above it speaks the project's own types: `StreamSpec`/`ConsumerSpec` to declare,
+`Delivery` for a received message, and the errors in shared.errors.
+"""
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import api
+
+from shared.errors import BusError, NotConnected, Overloaded, PublishTimeout, TopologyError
+from shared.topology import ConsumerSpec, StreamSpec
+
+log = logging.getLogger(__name__)
+
+MSG_ID = "Nats-Msg-Id"
+_STORE_FAILED = 10077  # JetStream "store failed": the stream is full under discard=new
+
+
+class Delivery:
+    """One message handed to a consumer, with the operations that settle it."""
+
+    __slots__ = ("_msg", "data", "delivered", "headers", "stream_seq", "subject")
+
+    def __init__(self, msg: Msg) -> None:
+        self._msg = msg
+        self.data: bytes = msg.data
+        self.subject: str = msg.subject
+        self.headers: Mapping[str, str] = msg.headers or {}
+        meta = msg.metadata
+        self.delivered: int = meta.num_delivered
+        self.stream_seq: int = meta.sequence.stream
+
+    async def ack(self) -> None:
+        """Settle as done; the work-queue stream deletes the message."""
+        await self._msg.ack()
+
+    async def nak(self, delay: float | None = None) -> None:
+        """Ask for redelivery, after `delay` seconds when given."""
+        await self._msg.nak(delay=delay)
+
+    async def term(self) -> None:
+        """Stop redelivery for good."""
+        await self._msg.term()
+
+    async def in_progress(self) -> None:
+        """Reset the ack timer: the work is still going on."""
+        await self._msg.in_progress()
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """A message read back from a stream by sequence or subject."""
+
+    seq: int
+    subject: str
+    data: bytes
+    headers: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class StreamState:
+    """Counters of a stream, as the server reports them."""
+
+    messages: int
+    bytes: int
+    last_seq: int
+
+
+@dataclass(frozen=True)
+class ConsumerState:
+    """Counters of a consumer, as the server reports them."""
+
+    pending: int
+    ack_pending: int
+    redelivered: int
+    waiting: int
+
+
+class Bus:
+    """A NATS connection with JetStream, speaking the project's types."""
+
+    def __init__(self, nc: NatsClient, publish_timeout: float) -> None:
+        self._nc = nc
+        self._js = nc.jetstream(timeout=publish_timeout)
+        self._jsm = nc.jsm()
+        self._publish_timeout = publish_timeout
+        self.closing = False
+
+    @classmethod
+    async def connect(
+        cls, url: str, *, name: str, publish_timeout: float = 5.0, wait: float = 30.0
+    ) -> "Bus":
+        """Connect to `url`, retrying for up to `wait` seconds; reconnects forever afterwards."""
+        events = _ConnectionEvents(url)
+        try:
+            # With unlimited reconnects nats-py retries a failing first connect forever too,
+            # so the overall wait is bounded here.
+            nc = await asyncio.wait_for(
+                nats.connect(
+                    url,
+                    name=name,
+                    connect_timeout=2,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    error_cb=events.error,
+                    disconnected_cb=events.disconnected,
+                    reconnected_cb=events.reconnected,
+                ),
+                timeout=wait,
+            )
+        except (OSError, TimeoutError, nats.errors.Error) as exc:
+            cause = events.last_error or exc or "timed out"
+            raise NotConnected(f"cannot reach NATS at {url} within {wait:g}s: {cause}") from None
+        bus = cls(nc, publish_timeout)
+        events.bus = bus
+        return bus
+
+    async def __aenter__(self) -> "Bus":
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @property
+    def connected_url(self) -> str:
+        """The URL of the server this connection is attached to."""
+        url = self._nc.connected_url
+        return url.geturl() if url else ""
+
+    async def close(self) -> None:
+        """Flush what is buffered and close the connection."""
+        if self._nc.is_closed:
+            return
+        self.closing = True
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            await self._nc.flush(timeout=2)
+        await self._nc.close()
+
+    # -- declaring -------------------------------------------------------------------------
+
+    async def ensure_stream(self, spec: StreamSpec) -> str:
+        """Create the stream, or bring it in line with `spec`; return what was done."""
+        want = _stream_config(spec)
+        try:
+            info = await self._jsm.stream_info(spec.name)
+        except nats.js.errors.NotFoundError:
+            await self._api(self._jsm.add_stream(want), f"create stream {spec.name}")
+            return "created"
+        diff = _diff(info.config, want, _STREAM_FIELDS)
+        if not diff:
+            return "unchanged"
+        await self._api(self._jsm.update_stream(want), f"update stream {spec.name} ({diff})")
+        return f"updated ({diff})"
+
+    async def ensure_consumer(self, spec: ConsumerSpec) -> str:
+        """Create the durable consumer, or bring it in line with `spec`; return what was done."""
+        want = _consumer_config(spec)
+        try:
+            info = await self._jsm.consumer_info(spec.stream, spec.durable)
+        except nats.js.errors.NotFoundError:
+            what = f"create consumer {spec.durable} on {spec.stream}"
+            await self._api(self._jsm.add_consumer(spec.stream, want), what)
+            return "created"
+        diff = _diff(info.config, want, _CONSUMER_FIELDS)
+        if not diff:
+            return "unchanged"
+        what = f"update consumer {spec.durable} on {spec.stream} ({diff})"
+        await self._api(self._jsm.add_consumer(spec.stream, want), what)
+        return f"updated ({diff})"
+
+    async def _api(self, call: Any, what: str) -> Any:
+        try:
+            return await call
+        except nats.js.errors.APIError as exc:
+            raise TopologyError(
+                f"cannot {what}: {exc.description} (server error {exc.err_code}); "
+                "fix the configuration or remove the old stream/consumer"
+            ) from None
+        except nats.errors.Error as exc:
+            raise BusError(f"cannot {what}: {exc}") from None
+
+    # -- publishing ------------------------------------------------------------------------
+
+    async def publish(
+        self, subject: str, data: bytes, *, msg_id: str, headers: Mapping[str, str] | None = None
+    ) -> int:
+        """Publish to JetStream and wait for the store's ack; return the stream sequence.
+
+        Raises Overloaded when the stream is full, PublishTimeout when no ack came in time.
+        """
+        hdrs = {MSG_ID: msg_id}
+        if headers:
+            hdrs.update(headers)
+        try:
+            ack = await self._js.publish(subject, data, headers=hdrs)
+        except nats.js.errors.ServiceUnavailableError as exc:
+            if exc.err_code == _STORE_FAILED:
+                raise Overloaded(subject, exc.description or "") from None
+            raise BusError(f"publish to {subject} failed: {exc.description}") from None
+        except nats.js.errors.NoStreamResponseError:
+            raise BusError(
+                f"no stream stores {subject!r}: declare the topology (`orchestrator declare`)"
+            ) from None
+        except nats.js.errors.APIError as exc:
+            raise BusError(f"publish to {subject} failed: {exc.description}") from None
+        except (TimeoutError, nats.errors.TimeoutError):
+            raise PublishTimeout(f"no ack for publish to {subject}") from None
+        except nats.errors.Error as exc:
+            raise BusError(f"publish to {subject} failed: {exc}") from None
+        return ack.seq
+
+    # -- consuming -------------------------------------------------------------------------
+
+    async def pull(self, spec: ConsumerSpec) -> "Puller":
+        """Bind to the durable pull consumer of `spec`."""
+        psub = await self._js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
+        return Puller(psub)
+
+    async def consumer_state(self, stream: str, durable: str) -> ConsumerState:
+        """The server's counters for one consumer."""
+        info = await self._jsm.consumer_info(stream, durable)
+        return ConsumerState(
+            pending=info.num_pending or 0,
+            ack_pending=info.num_ack_pending or 0,
+            redelivered=info.num_redelivered or 0,
+            waiting=info.num_waiting or 0,
+        )
+
+    async def stream_state(self, stream: str) -> StreamState:
+        """How many messages `stream` holds, and the sequence of the last one ever stored."""
+        info = await self._jsm.stream_info(stream)
+        return StreamState(info.state.messages, info.state.bytes, info.state.last_seq)
+
+    async def last_message(self, stream: str, subject: str) -> StoredMessage | None:
+        """The last message stored on `subject`, or None."""
+        try:
+            raw = await self._jsm.get_last_msg(stream, subject)
+        except nats.js.errors.NotFoundError:
+            return None
+        return StoredMessage(
+            raw.seq or 0, raw.subject or subject, raw.data or b"", raw.headers or {}
+        )
+
+    async def next_on(self, subject: str, timeout: float) -> bytes | None:
+        """Wait for one message on `subject` (core NATS) and return its payload, or None."""
+        sub = await self._nc.subscribe(subject, max_msgs=1)
+        try:
+            msg = await sub.next_msg(timeout=timeout)
+            return msg.data
+        except (TimeoutError, nats.errors.TimeoutError):
+            return None
+        finally:
+            if not self._nc.is_closed:
+                await sub.unsubscribe()
+
+    async def subscribe_core(self, subject: str) -> "CoreSubscription":
+        """Subscribe to `subject` with core NATS (no persistence; see `watch` for streams)."""
+        return CoreSubscription(await self._nc.subscribe(subject))
+
+    async def watch(self, subject: str) -> AsyncIterator[StoredMessage]:
+        """Yield every stored message on `subject`, from the start, then new ones as they come."""
+        sub = await self._js.subscribe(subject, ordered_consumer=True)
+        try:
+            async for msg in sub.messages:
+                meta = msg.metadata
+                yield StoredMessage(meta.sequence.stream, msg.subject, msg.data, msg.headers or {})
+        finally:
+            if not self._nc.is_closed:
+                await sub.unsubscribe()
+
+
+class CoreSubscription:
+    """A core NATS subscription that hands out payloads."""
+
+    def __init__(self, sub: Any) -> None:
+        self._sub = sub
+
+    async def next(self, timeout: float) -> bytes | None:
+        """The next payload, or None after `timeout` seconds."""
+        try:
+            return (await self._sub.next_msg(timeout=timeout)).data
+        except (TimeoutError, nats.errors.TimeoutError):
+            return None
+
+    async def close(self) -> None:
+        """Stop receiving."""
+        with contextlib.suppress(nats.errors.Error):
+            await self._sub.unsubscribe()
+
+
+class Puller:
+    """A bound pull subscription on a durable consumer."""
+
+    def __init__(self, psub: Any) -> None:
+        self._psub = psub
+
+    async def fetch(self, batch: int, timeout: float) -> list[Delivery]:
+        """Up to `batch` messages, waiting at most `timeout` seconds; [] when none came."""
+        try:
+            msgs = await self._psub.fetch(batch, timeout=timeout)
+        except (TimeoutError, nats.errors.TimeoutError):
+            return []
+        except nats.errors.Error as exc:
+            raise BusError(f"fetch failed: {exc}") from None
+        return [Delivery(m) for m in msgs]
+
+    async def close(self) -> None:
+        """Stop pulling; un-acked messages are redelivered to other instances after ack_wait."""
+        with contextlib.suppress(nats.errors.Error, ValueError):
+            await self._psub.unsubscribe()
+
+
+# -- configuration mapping ----------------------------------------------------------------
+
+_STREAM_FIELDS = (
+    "subjects", "retention", "discard", "max_msgs", "max_bytes", "max_age", "max_msg_size",
+    "max_msgs_per_subject", "storage", "num_replicas", "duplicate_window",
+)  # fmt: skip
+_CONSUMER_FIELDS = ("filter_subject", "max_ack_pending", "ack_wait", "max_deliver", "ack_policy")
+
+
+def _stream_config(spec: StreamSpec) -> api.StreamConfig:
+    return api.StreamConfig(
+        name=spec.name,
+        subjects=list(spec.subjects),
+        retention=api.RetentionPolicy(spec.retention),
+        discard=api.DiscardPolicy(spec.discard),
+        max_msgs=spec.max_msgs,
+        max_bytes=spec.max_bytes,
+        max_age=spec.max_age,
+        max_msg_size=spec.max_msg_size,
+        max_msgs_per_subject=spec.max_msgs_per_subject,
+        storage=api.StorageType(spec.storage),
+        num_replicas=spec.replicas,
+        duplicate_window=spec.duplicate_window,
+    )
+
+
+def _consumer_config(spec: ConsumerSpec) -> api.ConsumerConfig:
+    return api.ConsumerConfig(
+        durable_name=spec.durable,
+        filter_subject=spec.filter_subject,
+        ack_policy=api.AckPolicy.EXPLICIT,
+        deliver_policy=api.DeliverPolicy.ALL,
+        max_ack_pending=spec.max_ack_pending,
+        ack_wait=spec.ack_wait,
+        max_deliver=spec.max_deliver,
+    )
+
+
+def _norm(value: Any) -> Any:
+    if isinstance(value, list):
+        return sorted(value)
+    if isinstance(value, float):
+        return round(value, 6)
+    if hasattr(value, "value"):  # enums compare by their wire value
+        return value.value
+    return value
+
+
+def _diff(have: Any, want: Any, names: tuple[str, ...]) -> str:
+    """Human-readable differences between the server's config and the wanted one."""
+    known = {f.name for f in fields(want)}
+    out = []
+    for name in names:
+        if name not in known:
+            continue
+        a, b = _norm(getattr(have, name, None)), _norm(getattr(want, name, None))
+        if name == "num_replicas" and a in (None, 0) and b == 1:
+            continue
+        if a != b:
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return ", ".join(out)
+
+
+class _ConnectionEvents:
+    """Logs connection trouble, but not the disconnect that closing a connection causes."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.bus: Bus | None = None
+        self.last_error: Exception | None = None
+
+    async def error(self, exc: Exception) -> None:
+        self.last_error = exc
+        if self.bus is None:
+            log.info("waiting for NATS at %s: %s", self.url, exc)
+        elif not self.bus.closing:
+            log.warning("nats %s: %s", self.url, exc)
+
+    async def disconnected(self) -> None:
+        if not (self.bus and self.bus.closing):
+            log.warning("nats %s: disconnected; reconnecting", self.url)
+
+    async def reconnected(self) -> None:
+        log.info("nats %s: reconnected", self.url)

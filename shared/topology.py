@@ -1,0 +1,161 @@
+"""The streams, subjects and consumers of a pipeline, derived from settings (no I/O here).
+
+Channel `c` (the input of one stage) is stream `<STREAM_PREFIX>_<C>` holding subjects
+`<prefix>.<c>.<partition>`. Results live in `<STREAM_PREFIX>_RESULTS` under
+`<prefix>.results.<request_id>`; dead letters in `<STREAM_PREFIX>_DLQ` under `<prefix>.dlq.<stage>`.
+"""
+
+from dataclasses import dataclass
+from typing import Literal
+
+from shared.partition import partition_of
+from shared.settings import Settings
+from shared.stage import RESULTS, StageSpec
+
+DLQ = "dlq"
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """The configuration a stream must have; compared field by field with the server's."""
+
+    name: str
+    subjects: tuple[str, ...]
+    retention: Literal["workqueue", "limits"]
+    discard: Literal["new", "old"]
+    max_msgs: int
+    max_bytes: int
+    max_age: float
+    max_msg_size: int
+    max_msgs_per_subject: int
+    storage: Literal["file", "memory"]
+    replicas: int
+    duplicate_window: float
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    """A durable pull consumer on a stage's input stream."""
+
+    stream: str
+    durable: str
+    filter_subject: str
+    max_ack_pending: int
+    ack_wait: float
+    max_deliver: int
+
+
+class Topology:
+    """Names and configurations of everything a pipeline declares on the server."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.prefix = settings.subject_prefix
+        self.partitions = settings.partitions
+
+    def stream_name(self, channel: str) -> str:
+        """The stream behind `channel`."""
+        return f"{self.settings.stream_prefix}_{channel.upper()}"
+
+    def channel_subject(self, channel: str, partition: int) -> str:
+        """The subject of one partition of `channel`."""
+        return f"{self.prefix}.{channel}.{partition}"
+
+    def subject_for(self, channel: str, session_id: str) -> str:
+        """The subject a session's message travels on in `channel`."""
+        return self.channel_subject(channel, partition_of(session_id, self.partitions))
+
+    def result_subject(self, request_id: str) -> str:
+        """Where the result of `request_id` is stored."""
+        return f"{self.prefix}.{RESULTS}.{request_id}"
+
+    def output_subject(self, channel: str, session_id: str, request_id: str) -> str:
+        """The subject a stage publishes to for output `channel`."""
+        if channel == RESULTS:
+            return self.result_subject(request_id)
+        return self.subject_for(channel, session_id)
+
+    def channel_names(self) -> list[str]:
+        """The configured inter-stage channels, intake first."""
+        return list(type(self.settings.channels).model_fields)
+
+    def channel_stream(self, channel: str) -> StreamSpec:
+        """The bounded work-queue stream of `channel`."""
+        cfg = getattr(self.settings.channels, channel)
+        s = self.settings
+        return StreamSpec(
+            name=self.stream_name(channel),
+            subjects=(f"{self.prefix}.{channel}.*",),
+            retention="workqueue",
+            discard="new",
+            max_msgs=cfg.capacity,
+            max_bytes=cfg.max_bytes,
+            max_age=0.0,
+            # The stage, not the server, rejects oversized messages, so that they reach the
+            # dead-letter stream with a reason; the server keeps a hard ceiling above that.
+            max_msg_size=-1,
+            max_msgs_per_subject=-1,
+            storage=s.storage,
+            replicas=s.replicas,
+            duplicate_window=s.duplicate_window,
+        )
+
+    def results_stream(self) -> StreamSpec:
+        """The results stream: limits retention, bounded by age, one message per request."""
+        s = self.settings
+        return StreamSpec(
+            name=self.stream_name(RESULTS),
+            subjects=(f"{self.prefix}.{RESULTS}.*",),
+            retention="limits",
+            discard="old",
+            max_msgs=s.results.max_msgs,
+            max_bytes=s.results.max_bytes,
+            max_age=s.results.max_age,
+            max_msg_size=-1,
+            max_msgs_per_subject=1,
+            storage=s.storage,
+            replicas=s.replicas,
+            duplicate_window=s.duplicate_window,
+        )
+
+    def dlq_subject(self, stage: str) -> str:
+        """Where `stage` puts what it cannot process."""
+        return f"{self.prefix}.{DLQ}.{stage}"
+
+    def dlq_stream(self) -> StreamSpec:
+        """The dead-letter stream: limits retention so entries stay until replayed or purged."""
+        s = self.settings
+        return StreamSpec(
+            name=self.stream_name(DLQ),
+            subjects=(f"{self.prefix}.{DLQ}.*",),
+            retention="limits",
+            # Refusing new entries keeps old ones: the stage then retries instead of acking.
+            discard="new",
+            max_msgs=s.dead_letter.max_msgs,
+            max_bytes=s.dead_letter.max_bytes,
+            max_age=s.dead_letter.max_age,
+            max_msg_size=-1,
+            max_msgs_per_subject=-1,
+            storage=s.storage,
+            replicas=s.replicas,
+            duplicate_window=s.duplicate_window,
+        )
+
+    def streams(self) -> list[StreamSpec]:
+        """Every stream the pipeline needs."""
+        channels = [self.channel_stream(c) for c in self.channel_names()]
+        return [*channels, self.results_stream(), self.dlq_stream()]
+
+    def consumer(self, stage: StageSpec) -> ConsumerSpec:
+        """The durable consumer `stage` reads its input through."""
+        cfg = getattr(self.settings.stages, stage.name)
+        return ConsumerSpec(
+            stream=self.stream_name(stage.input),
+            durable=stage.name,
+            filter_subject=f"{self.prefix}.{stage.input}.*",
+            max_ack_pending=cfg.max_ack_pending,
+            ack_wait=cfg.ack_wait,
+            # One delivery more than the handler gets: a message whose handling crashed the
+            # stage on every attempt comes back once more, to be dead-lettered unhandled.
+            max_deliver=cfg.max_deliver + 1,
+        )

@@ -1,0 +1,41 @@
+"""Names and limits derived from settings."""
+
+from services.registry import STAGES
+from shared.settings import Settings
+from shared.topology import Topology
+
+
+def test_names_subjects_and_limits():
+    s = Settings(partitions=4)
+    t = Topology(s)
+    assert t.channel_names() == ["intake", "assemble", "inference", "post", "stream"]
+    intake = t.channel_stream("intake")
+    assert (intake.name, intake.subjects) == ("ORCH_INTAKE", ("orch.intake.*",))
+    assert (intake.retention, intake.discard, intake.max_msgs) == ("workqueue", "new", 1024)
+    assert t.channel_stream("post").max_msgs == 1024
+    assert t.subject_for("assemble", "alice") == "orch.assemble.3"  # fnv1a32("alice") % 4
+    assert t.result_subject("abc") == "orch.results.abc"
+    results = t.results_stream()
+    assert (results.retention, results.max_msgs_per_subject) == ("limits", 1)
+    dlq = t.dlq_stream()
+    assert (dlq.name, dlq.retention, dlq.discard) == ("ORCH_DLQ", "limits", "new")
+    assert len(t.streams()) == 7
+
+
+def test_consumer_gets_one_delivery_beyond_max_deliver():
+    s = Settings()
+    c = Topology(s).consumer(STAGES["inference"])
+    assert (c.stream, c.durable, c.filter_subject) == (
+        "ORCH_INFERENCE",
+        "inference",
+        "orch.inference.*",
+    )
+    assert c.max_deliver == s.stages.inference.max_deliver + 1
+    assert c.max_ack_pending == 512
+
+
+def test_prefixes_apply_everywhere():
+    t = Topology(Settings(subject_prefix="acme", stream_prefix="ACME"))
+    assert t.stream_name("dlq") == "ACME_DLQ"
+    assert t.dlq_subject("post") == "acme.dlq.post"
+    assert all(s.subjects[0].startswith("acme.") for s in t.streams())
