@@ -1,0 +1,93 @@
+"""Dead-letter entries: the original payload byte for byte, plus headers saying why.
+
+Header names are constants here so that the runtime that writes entries and the operator
+tools that read them cannot drift apart. docs/PROTOCOL.md lists them.
+"""
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+REASON = "Orch-Reason"
+ERROR = "Orch-Error"
+STAGE = "Orch-Stage"
+SUBJECT = "Orch-Subject"
+DELIVERED = "Orch-Delivered"
+FAILED_AT = "Orch-Failed-At"
+REQUEST_ID = "Orch-Request-Id"
+SESSION_ID = "Orch-Session-Id"
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+
+_MAX_HEADER = 1024  # NATS headers are small; a long error is cut, never the payload
+
+
+def _clean(value: str) -> str:
+    # Header values must be one line of text.
+    flat = "".join(ch if ch.isprintable() else " " for ch in value)
+    return flat if len(flat) <= _MAX_HEADER else flat[: _MAX_HEADER - 3] + "..."
+
+
+def entry_headers(
+    *,
+    reason: str,
+    error: str,
+    stage: str,
+    subject: str,
+    delivered: int,
+    request_id: str | None = None,
+    session_id: str | None = None,
+    original: Mapping[str, str] | None = None,
+    now: float | None = None,
+) -> dict[str, str]:
+    """The headers of a dead-letter entry; trace context is carried over from `original`."""
+    hdrs = {
+        REASON: reason,
+        ERROR: _clean(error),
+        STAGE: stage,
+        SUBJECT: subject,
+        DELIVERED: str(delivered),
+        FAILED_AT: f"{time.time() if now is None else now:.6f}",
+    }
+    if request_id:
+        hdrs[REQUEST_ID] = request_id
+    if session_id:
+        hdrs[SESSION_ID] = _clean(session_id)
+    for key in (TRACEPARENT, TRACESTATE):
+        if original and key in original:
+            hdrs[key] = original[key]
+    return hdrs
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One dead-letter entry as read back from the stream."""
+
+    seq: int
+    reason: str
+    error: str
+    stage: str
+    subject: str
+    delivered: int
+    failed_at: float
+    request_id: str | None
+    session_id: str | None
+    payload: bytes
+    headers: Mapping[str, str]
+
+    @classmethod
+    def parse(cls, seq: int, payload: bytes, headers: Mapping[str, str]) -> "Entry":
+        """Build an entry from a stored message's sequence, payload and headers."""
+        return cls(
+            seq=seq,
+            reason=headers.get(REASON, ""),
+            error=headers.get(ERROR, ""),
+            stage=headers.get(STAGE, ""),
+            subject=headers.get(SUBJECT, ""),
+            delivered=int(headers.get(DELIVERED, "0") or 0),
+            failed_at=float(headers.get(FAILED_AT, "0") or 0),
+            request_id=headers.get(REQUEST_ID),
+            session_id=headers.get(SESSION_ID),
+            payload=payload,
+            headers=headers,
+        )

@@ -1,0 +1,186 @@
+"""The stage runtime: the one loop that moves messages through a stage.
+
+For each fetched message: decode -> handler -> publish to the next subject and await the
+store's ack -> ack the input. The input is acked only after its output (or its dead-letter
+entry) is safely stored, so a crash at any point means redelivery, never loss; the output's
+`Nats-Msg-Id` (`<request_id>:<stage>`) lets the server drop the duplicate a redelivery makes.
+"""
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel
+
+from shared import deadletter
+from shared.bus import Bus, Delivery
+from shared.envelope import Envelope, Hop, decode, encode
+from shared.errors import BusError
+from shared.failure import Abandoned, DeadLetter, Expired, Retry, decide
+from shared.settings import Settings
+from shared.stage import Handler, StageSpec
+from shared.topology import Topology
+
+log = logging.getLogger(__name__)
+
+FETCH_WAIT = 1.0
+"""Longest a fetch waits for messages; also bounds how long a stop takes to be noticed."""
+
+
+@dataclass
+class StageCounters:
+    """What one runtime has done since it started."""
+
+    handled: int = 0
+    retried: int = 0
+    dead_lettered: dict[str, int] = field(default_factory=dict)
+
+
+class StageRuntime:
+    """Runs one instance of one stage against a connected bus."""
+
+    def __init__(
+        self, spec: StageSpec, settings: Settings, bus: Bus, instance: str, handler: Handler
+    ) -> None:
+        self.spec = spec
+        self.instance = instance
+        self.counters = StageCounters()
+        self._bus = bus
+        self._handler = handler
+        self._topology = Topology(settings)
+        self._consumer = self._topology.consumer(spec)
+        self._cfg = getattr(settings.stages, spec.name)
+        self._max_bytes = settings.max_message_bytes
+        self._dlq_subject = self._topology.dlq_subject(spec.name)
+        self._stopping = asyncio.Event()
+        self._inflight: dict[Delivery, float] = {}
+        self.last_loop = time.monotonic()
+        """When the fetch loop last went round: a loop that stops turning is unhealthy."""
+
+    def stop(self) -> None:
+        """Ask the loop to stop fetching; `run` returns once in-flight messages are settled."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Fetch and process until `stop` is called, then drain what was fetched."""
+        puller = await self._bus.pull(self._consumer)
+        tasks: set[asyncio.Task[None]] = set()
+        heartbeat = asyncio.create_task(self._keep_alive())
+        limit, batch = self._cfg.concurrency, self._cfg.batch
+        try:
+            while not self._stopping.is_set():
+                self.last_loop = time.monotonic()
+                free = limit - len(tasks)
+                if free <= 0:
+                    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                try:
+                    deliveries = await puller.fetch(min(free, batch), FETCH_WAIT)
+                except BusError as exc:
+                    log.warning("%s: %s; retrying", self.instance, exc)
+                    await asyncio.sleep(0.5)
+                    continue
+                for delivery in deliveries:
+                    task = asyncio.create_task(self._process(delivery))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+        finally:
+            # A fetch is never abandoned half-way (its messages would sit un-acked until
+            # ack_wait); everything fetched is processed before the subscription closes.
+            if tasks:
+                await asyncio.wait(tasks)
+            heartbeat.cancel()
+            await puller.close()
+
+    async def _process(self, delivery: Delivery) -> None:
+        received = time.time()
+        self._inflight[delivery] = received
+        envelope: Envelope | None = None
+        try:
+            if delivery.delivered > self._cfg.max_deliver:
+                raise Abandoned(
+                    f"delivered {delivery.delivered} times without being settled: "
+                    "the stage died or timed out while handling it"
+                )
+            envelope = decode(delivery.data, Envelope, self._max_bytes)
+            if envelope.deadline is not None and envelope.deadline < received:
+                late = received - envelope.deadline
+                raise Expired(f"deadline passed {late:.3f}s before {self.spec.name} received it")
+            output = await self._handler(envelope)
+            await self._forward(envelope, output, received)
+            await delivery.ack()
+            self.counters.handled += 1
+        except Exception as exc:  # any failure becomes a retry or a dead letter, never a crash
+            await self._settle_failure(delivery, envelope, exc)
+        finally:
+            del self._inflight[delivery]
+
+    async def _forward(self, envelope: Envelope, output: BaseModel, received: float) -> None:
+        hops: list[Hop] = output.hops  # type: ignore[attr-defined]
+        hops.append(
+            Hop(stage=self.spec.name, instance=self.instance, received=received, done=time.time())
+        )
+        subject = self._topology.output_subject(
+            self.spec.output, envelope.session_id, envelope.request_id
+        )
+        await self._bus.publish(
+            subject, encode(output), msg_id=f"{envelope.request_id}:{self.spec.name}"
+        )
+
+    async def _settle_failure(
+        self, delivery: Delivery, envelope: Envelope | None, exc: Exception
+    ) -> None:
+        action = decide(exc, delivery.delivered, self._cfg.max_deliver, self._cfg.backoff)
+        try:
+            if isinstance(action, Retry):
+                log.debug("%s: retry in %.1fs after %r", self.instance, action.delay, exc)
+                self.counters.retried += 1
+                await delivery.nak(delay=action.delay)
+            else:
+                await self._dead_letter(delivery, envelope, action)
+        except Exception as settle_exc:
+            # Neither acked nor nak'ed: the server redelivers after ack_wait. Nothing is lost.
+            log.warning("%s: could not settle message: %s", self.instance, settle_exc)
+
+    async def _dead_letter(
+        self, delivery: Delivery, envelope: Envelope | None, action: DeadLetter
+    ) -> None:
+        headers = deadletter.entry_headers(
+            reason=action.reason,
+            error=action.error,
+            stage=self.spec.name,
+            subject=delivery.subject,
+            delivered=delivery.delivered,
+            request_id=envelope.request_id if envelope else None,
+            session_id=envelope.session_id if envelope else None,
+            original=delivery.headers,
+        )
+        # Keyed by the input's stream sequence, so a redelivered copy is stored only once.
+        msg_id = f"dlq:{self._consumer.stream}:{delivery.stream_seq}"
+        try:
+            await self._bus.publish(
+                self._dlq_subject, delivery.data, msg_id=msg_id, headers=headers
+            )
+        except BusError as exc:
+            log.warning("%s: dead-letter stream refused entry (%s); will retry", self.instance, exc)
+            await delivery.nak(delay=self._cfg.backoff[-1] if self._cfg.backoff else 1.0)
+            return
+        await delivery.ack()
+        counts = self.counters.dead_lettered
+        counts[action.reason] = counts.get(action.reason, 0) + 1
+        log.debug("%s: dead-lettered (%s): %s", self.instance, action.reason, action.error)
+
+    async def _keep_alive(self) -> None:
+        # Long handlers (model calls) must not outlive ack_wait, or the message is redelivered
+        # to another instance while still being worked on here.
+        period = self._cfg.ack_wait / 3
+        while True:
+            await asyncio.sleep(period)
+            cutoff = time.time() - period
+            for delivery, started in list(self._inflight.items()):
+                if started < cutoff:
+                    try:
+                        await delivery.in_progress()
+                    except Exception as exc:
+                        log.debug("in_progress failed: %s", exc)
