@@ -1,0 +1,1 @@
+"""The five stages of the pipeline, each a separately deployable package."""

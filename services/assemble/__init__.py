@@ -1,0 +1,1 @@
+"""Stage 2, assemble: formats the prompt from the configured template."""

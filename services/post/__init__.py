@@ -1,0 +1,1 @@
+"""Stage 4, post: joins the generated tokens and cleans the text."""

@@ -1,0 +1,1 @@
+"""Stage 1, rag: attaches retrieved context to the request."""

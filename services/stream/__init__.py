@@ -1,0 +1,1 @@
+"""Stage 5, stream: publishes the final result to the results stream."""

@@ -1,0 +1,6 @@
+"""Model workers: what the inference stage calls to turn a prompt into tokens."""
+
+from shared.workers.base import ModelWorker, load_worker
+from shared.workers.echo import EchoWorker
+
+__all__ = ["EchoWorker", "ModelWorker", "load_worker"]
