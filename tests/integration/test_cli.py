@@ -1,0 +1,97 @@
+"""The command line as a user runs it: demo, up, publish, ask, result."""
+
+import os
+import signal
+import subprocess
+import time
+
+from tests.support import ROOT, orchestrator_command, stage_env
+
+
+def run(args, env, timeout=120):
+    return subprocess.run(
+        orchestrator_command() + args,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_demo_on_embedded_server_exits_zero():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_") and k != "NATS_URL"}
+    done = run(["demo"], env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("  -> Context:") == 10
+    assert "per-stage latency" in done.stdout
+    for stage in ("rag", "assemble", "inference", "post", "stream"):
+        assert f"\n{stage} " in done.stdout
+    assert "embedded nats-server on nats://127.0.0.1:" in done.stderr
+
+
+def test_demo_uses_configured_server(nats_server):
+    done = run(["--nats-url", nats_server.url, "demo", "--requests", "3"], stage_env("x"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("  -> Context:") == 3
+    assert "embedded" not in done.stderr
+
+
+def test_up_publish_ask_result_round_trip(nats_server, tmp_path):
+    health_file = tmp_path / "alive"
+    env = stage_env(nats_server.url, ORCH_HEALTH_FILE=str(health_file))
+    declared = run(["declare"], env)
+    assert declared.returncode == 0, declared.stderr
+    assert "stream ORCH_INTAKE: created" in declared.stdout
+    log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
+    up = subprocess.Popen([*orchestrator_command(), "up"], cwd=ROOT, env=env, stdout=log,
+                          stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        asked = run(["ask", "What is NATS?", "--session", "cli", "--timeout", "30"], env)
+        assert asked.returncode == 0, asked.stderr
+        assert asked.stdout.startswith("Context: - NATS is a lightweight messaging system")
+        assert asked.stdout.rstrip().endswith("Question: What is NATS? Answer:")
+
+        published = run(["publish", "hello", "--session", "s.1", "--meta", "user=u1"], env)
+        assert published.returncode == 0, published.stderr
+        request_id = published.stdout.strip()
+        assert len(request_id) == 32
+
+        result = run(["result", request_id, "--timeout", "30", "--json"], env)
+        assert result.returncode == 0, result.stderr
+        assert '"metadata": {\n    "user": "u1"\n  }' in result.stdout
+        assert '"session_id": "s.1"' in result.stdout
+
+        assert run(["health"], env).returncode == 0
+    finally:
+        up.send_signal(signal.SIGTERM)
+        code = up.wait(60)
+        log.close()
+    assert code == 0, (tmp_path / "up.log").read_text()
+    assert "stopped" in (tmp_path / "up.log").read_text()
+    stale = run(["health", "--max-age", "0"], env)
+    assert stale.returncode == 1
+    assert "unhealthy" in stale.stderr
+
+
+def test_errors_are_clear_and_exit_nonzero(tmp_path):
+    env = stage_env("nats://127.0.0.1:1")
+    missing = run(["result", "abc"], env, timeout=60)
+    assert missing.returncode == 2
+    assert "error: cannot reach NATS at nats://127.0.0.1:1" in missing.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text("partitions = 0\n")
+    invalid = run(["--config", str(bad), "declare"], env)
+    assert invalid.returncode == 2
+    assert "partitions" in invalid.stderr
+    assert "Traceback" not in invalid.stderr + missing.stderr
+
+
+def test_help_explains_every_command():
+    done = run(["--help"], dict(os.environ))
+    assert done.returncode == 0
+    for command in ("demo", "up", "run", "declare", "server", "publish", "ask", "result"):
+        assert command in done.stdout
+    start = time.monotonic()
+    assert run(["run", "--help"], dict(os.environ)).returncode == 0
+    assert time.monotonic() - start < 60

@@ -1,0 +1,142 @@
+"""Helpers for integration tests: stage processes, settings, result collection."""
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from services.registry import STAGES
+from shared.client import Client
+from shared.envelope import Result
+from shared.settings import Settings, load_settings
+
+ROOT = Path(__file__).parents[1]
+
+
+def stage_env(url: str, **overrides: str) -> dict[str, str]:
+    """The environment of a stage process: this one's, minus ORCH_* settings, plus `overrides`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_") and k != "NATS_URL"}
+    env.update({"ORCH_NATS_URL": url, "ORCH_LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"})
+    env.update(overrides)
+    return env
+
+
+def settings_for(env: dict[str, str]) -> Settings:
+    """The settings a process started with `env` loads."""
+    saved = dict(os.environ)
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        return load_settings()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+class StageProcess:
+    """One stage as its own OS process: `python -m services.<stage>`."""
+
+    def __init__(self, stage: str, env: dict[str, str], log_dir: Path) -> None:
+        assert stage in STAGES
+        self.stage = stage
+        self.env = env
+        self.log_dir = log_dir
+        self.starts = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        """Start (or restart) the process."""
+        self.starts += 1
+        self.signalled: int | None = None
+        log = open(self.log_dir / f"{self.stage}-{self.starts}.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", f"services.{self.stage}"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+
+    def signal(self, sig: int) -> None:
+        """Send `sig` to the process."""
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        self.signalled = sig
+
+    def kill(self) -> None:
+        """SIGKILL: no drain, no goodbye."""
+        self.signal(signal.SIGKILL)
+        self.wait()
+
+    def wait(self, timeout: float = 60) -> int:
+        """Wait for exit; return the exit code."""
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def log(self) -> str:
+        """Everything every run of the process wrote."""
+        return "\n".join(
+            p.read_text(errors="replace") for p in sorted(self.log_dir.glob(f"{self.stage}-*.log"))
+        )
+
+    def stop(self) -> int:
+        """SIGTERM and wait for the drain to finish."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        if self.signalled != signal.SIGTERM:  # a second SIGTERM would cut the drain short
+            self.signal(signal.SIGTERM)
+        try:
+            return self.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+
+
+async def collect(client: Client, wanted: set[str], timeout: float) -> dict[str, list[Result]]:
+    """Read the results stream until every id in `wanted` has a result; all copies per id."""
+    seen: dict[str, list[Result]] = {}
+
+    async def read() -> None:
+        async for result in client.results():
+            seen.setdefault(result.request_id, []).append(result)
+            if wanted <= seen.keys():
+                return
+
+    try:
+        await asyncio.wait_for(read(), timeout)
+    except TimeoutError:
+        missing = wanted - seen.keys()
+        raise AssertionError(f"{len(missing)} of {len(wanted)} results missing") from None
+    return seen
+
+
+async def wait_until_consuming(url: str, settings: Settings, timeout: float = 30.0) -> None:
+    """Declare the topology, then wait until every stage has a pull request waiting."""
+    from services.registry import PIPELINE
+    from shared.bus import Bus
+    from shared.runner import declare
+    from shared.topology import Topology
+
+    topology = Topology(settings)
+    async with await Bus.connect(url, name="test-ready") as bus:
+        await declare(bus, settings, PIPELINE)
+        async with asyncio.timeout(timeout):
+            for spec in PIPELINE:
+                consumer = topology.consumer(spec)
+                state = await bus.consumer_state(consumer.stream, consumer.durable)
+                while state.waiting < 1:
+                    await asyncio.sleep(0.05)
+                    state = await bus.consumer_state(consumer.stream, consumer.durable)
+
+
+def orchestrator_command() -> list[str]:
+    """The installed `orchestrator` script, as the README runs it."""
+    script = Path(sys.executable).parent / "orchestrator"
+    found = str(script) if script.exists() else shutil.which("orchestrator")
+    assert found, "the orchestrator command is not installed (pip install -e .)"
+    return [found]
