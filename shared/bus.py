@@ -14,6 +14,7 @@ from typing import Any
 import nats
 import nats.errors
 import nats.js.errors
+import orjson
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import api
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 
 MSG_ID = "Nats-Msg-Id"
 _STORE_FAILED = 10077  # JetStream "store failed": the stream is full under discard=new
+_NO_SUCH_MESSAGE = 10057
 
 
 class Delivery:
@@ -253,6 +255,43 @@ class Bus:
             raw.seq or 0, raw.subject or subject, raw.data or b"", raw.headers or {}
         )
 
+    async def message_at(self, stream: str, seq: int, subject: str) -> StoredMessage | None:
+        """The first message at or after `seq` whose subject matches `subject`, or None."""
+        try:
+            raw = await self._jsm.get_msg(stream, seq=seq, subject=subject, next=True)
+        except nats.js.errors.NotFoundError:
+            return None
+        except nats.js.errors.APIError as exc:
+            raise BusError(f"reading {stream} at {seq}: {exc.description}") from None
+        return StoredMessage(raw.seq or seq, raw.subject or "", raw.data or b"", raw.headers or {})
+
+    async def delete(self, stream: str, seq: int) -> bool:
+        """Delete message `seq` from `stream`; False when it was already gone."""
+        try:
+            return await self._jsm.delete_msg(stream, seq)
+        except nats.js.errors.NotFoundError:
+            return False
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == _NO_SUCH_MESSAGE:
+                return False
+            raise BusError(f"deleting {stream} #{seq}: {exc.description}") from None
+
+    async def subject_counts(self, stream: str, subject: str) -> dict[str, int]:
+        """How many messages `stream` holds per subject matching `subject`."""
+        info = await self._jsm.stream_info(stream, subjects_filter=subject)
+        return dict(info.state.subjects or {})
+
+    async def increment(self, subject: str, by: int, *, msg_id: str) -> None:
+        """Add `by` to the counter on `subject` (a counter stream); once per `msg_id`."""
+        await self.publish(subject, b"", msg_id=msg_id, headers={"Nats-Incr": f"{by:+d}"})
+
+    async def counter(self, stream: str, subject: str) -> int:
+        """The value of the counter on `subject`, 0 if it was never incremented."""
+        stored = await self.last_message(stream, subject)
+        if stored is None or not stored.data:
+            return 0
+        return int(orjson.loads(stored.data)["val"])
+
     async def next_on(self, subject: str, timeout: float) -> bytes | None:
         """Wait for one message on `subject` (core NATS) and return its payload, or None."""
         sub = await self._nc.subscribe(subject, max_msgs=1)
@@ -326,7 +365,7 @@ class Puller:
 
 _STREAM_FIELDS = (
     "subjects", "retention", "discard", "max_msgs", "max_bytes", "max_age", "max_msg_size",
-    "max_msgs_per_subject", "storage", "num_replicas", "duplicate_window",
+    "max_msgs_per_subject", "storage", "num_replicas", "duplicate_window", "allow_msg_counter",
 )  # fmt: skip
 _CONSUMER_FIELDS = ("filter_subject", "max_ack_pending", "ack_wait", "max_deliver", "ack_policy")
 
@@ -345,6 +384,7 @@ def _stream_config(spec: StreamSpec) -> api.StreamConfig:
         storage=api.StorageType(spec.storage),
         num_replicas=spec.replicas,
         duplicate_window=spec.duplicate_window,
+        allow_msg_counter=spec.counter or None,
     )
 
 
@@ -358,6 +398,10 @@ def _consumer_config(spec: ConsumerSpec) -> api.ConsumerConfig:
         ack_wait=spec.ack_wait,
         max_deliver=spec.max_deliver,
     )
+
+
+# Server and client spell some defaults differently.
+_SAME = {("num_replicas", None, 1), ("num_replicas", 0, 1), ("allow_msg_counter", False, None)}
 
 
 def _norm(value: Any) -> Any:
@@ -378,9 +422,7 @@ def _diff(have: Any, want: Any, names: tuple[str, ...]) -> str:
         if name not in known:
             continue
         a, b = _norm(getattr(have, name, None)), _norm(getattr(want, name, None))
-        if name == "num_replicas" and a in (None, 0) and b == 1:
-            continue
-        if a != b:
+        if a != b and (name, a, b) not in _SAME:
             out.append(f"{name}: {a!r} -> {b!r}")
     return ", ".join(out)
 

@@ -52,7 +52,6 @@ class StageRuntime:
         self._consumer = self._topology.consumer(spec)
         self._cfg = getattr(settings.stages, spec.name)
         self._max_bytes = settings.max_message_bytes
-        self._dlq_subject = self._topology.dlq_subject(spec.name)
         self._stopping = asyncio.Event()
         self._inflight: dict[Delivery, float] = {}
         self.last_loop = time.monotonic()
@@ -159,9 +158,8 @@ class StageRuntime:
         # Keyed by the input's stream sequence, so a redelivered copy is stored only once.
         msg_id = f"dlq:{self._consumer.stream}:{delivery.stream_seq}"
         try:
-            await self._bus.publish(
-                self._dlq_subject, delivery.data, msg_id=msg_id, headers=headers
-            )
+            subject = self._topology.dlq_subject(self.spec.name, action.reason)
+            await self._bus.publish(subject, delivery.data, msg_id=msg_id, headers=headers)
         except BusError as exc:
             log.warning("%s: dead-letter stream refused entry (%s); will retry", self.instance, exc)
             await delivery.nak(delay=self._cfg.backoff[-1] if self._cfg.backoff else 1.0)

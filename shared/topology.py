@@ -2,7 +2,8 @@
 
 Channel `c` (the input of one stage) is stream `<STREAM_PREFIX>_<C>` holding subjects
 `<prefix>.<c>.<partition>`. Results live in `<STREAM_PREFIX>_RESULTS` under
-`<prefix>.results.<request_id>`; dead letters in `<STREAM_PREFIX>_DLQ` under `<prefix>.dlq.<stage>`.
+`<prefix>.results.<request_id>`; dead letters in `<STREAM_PREFIX>_DLQ` under
+`<prefix>.dlq.<stage>.<reason>`; operator counters in `<STREAM_PREFIX>_COUNTERS`.
 """
 
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from shared.settings import Settings
 from shared.stage import RESULTS, StageSpec
 
 DLQ = "dlq"
+COUNTERS = "counters"
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,8 @@ class StreamSpec:
     storage: Literal["file", "memory"]
     replicas: int
     duplicate_window: float
+    counter: bool = False
+    """A counter stream: publishes with `Nats-Incr` add to the subject's value."""
 
 
 @dataclass(frozen=True)
@@ -118,16 +122,39 @@ class Topology:
             duplicate_window=s.duplicate_window,
         )
 
-    def dlq_subject(self, stage: str) -> str:
-        """Where `stage` puts what it cannot process."""
-        return f"{self.prefix}.{DLQ}.{stage}"
+    def dlq_subject(self, stage: str = "*", reason: str = "*") -> str:
+        """Where `stage` puts what it cannot process for `reason` (wildcards by default)."""
+        return f"{self.prefix}.{DLQ}.{stage}.{reason}"
+
+    def counter_subject(self, name: str) -> str:
+        """The subject of one operator counter (e.g. `replayed.intake`, `purged`)."""
+        return f"{self.prefix}.{COUNTERS}.{name}"
+
+    def counters_stream(self) -> StreamSpec:
+        """Exact, server-side counters of operator actions, for the accounting identity."""
+        s = self.settings
+        return StreamSpec(
+            name=self.stream_name(COUNTERS),
+            subjects=(f"{self.prefix}.{COUNTERS}.>",),
+            retention="limits",
+            discard="old",
+            max_msgs=-1,
+            max_bytes=-1,
+            max_age=0.0,
+            max_msg_size=-1,
+            max_msgs_per_subject=-1,
+            storage=s.storage,
+            replicas=s.replicas,
+            duplicate_window=s.duplicate_window,
+            counter=True,
+        )
 
     def dlq_stream(self) -> StreamSpec:
         """The dead-letter stream: limits retention so entries stay until replayed or purged."""
         s = self.settings
         return StreamSpec(
             name=self.stream_name(DLQ),
-            subjects=(f"{self.prefix}.{DLQ}.*",),
+            subjects=(f"{self.prefix}.{DLQ}.*.*",),
             retention="limits",
             # Refusing new entries keeps old ones: the stage then retries instead of acking.
             discard="new",
@@ -144,7 +171,7 @@ class Topology:
     def streams(self) -> list[StreamSpec]:
         """Every stream the pipeline needs."""
         channels = [self.channel_stream(c) for c in self.channel_names()]
-        return [*channels, self.results_stream(), self.dlq_stream()]
+        return [*channels, self.results_stream(), self.dlq_stream(), self.counters_stream()]
 
     def consumer(self, stage: StageSpec) -> ConsumerSpec:
         """The durable consumer `stage` reads its input through."""

@@ -15,7 +15,8 @@ async def test_declare_is_idempotent_and_updates_changed_limits(nats_server):
     async with await Bus.connect(nats_server.url, name="t") as bus:
         first = await declare(bus, settings, PIPELINE)
         assert all(line.endswith(": created") for line in first), first
-        assert len(first) == 7 + 5  # five channels, results, dead letters; five consumers
+        # five channels, results, dead letters, counters; five consumers
+        assert len(first) == 8 + 5
 
         again = await declare(bus, settings, PIPELINE)
         assert all(line.endswith(": unchanged") for line in again), again

@@ -19,7 +19,13 @@ def test_names_subjects_and_limits():
     assert (results.retention, results.max_msgs_per_subject) == ("limits", 1)
     dlq = t.dlq_stream()
     assert (dlq.name, dlq.retention, dlq.discard) == ("ORCH_DLQ", "limits", "new")
-    assert len(t.streams()) == 7
+    assert dlq.subjects == ("orch.dlq.*.*",)
+    assert t.dlq_subject("post", "expired") == "orch.dlq.post.expired"
+    assert t.dlq_subject() == "orch.dlq.*.*"
+    counters = t.counters_stream()
+    assert (counters.name, counters.counter) == ("ORCH_COUNTERS", True)
+    assert t.counter_subject("purged") == "orch.counters.purged"
+    assert len(t.streams()) == 8
 
 
 def test_consumer_gets_one_delivery_beyond_max_deliver():
@@ -37,5 +43,5 @@ def test_consumer_gets_one_delivery_beyond_max_deliver():
 def test_prefixes_apply_everywhere():
     t = Topology(Settings(subject_prefix="acme", stream_prefix="ACME"))
     assert t.stream_name("dlq") == "ACME_DLQ"
-    assert t.dlq_subject("post") == "acme.dlq.post"
+    assert t.dlq_subject("post", "failed") == "acme.dlq.post.failed"
     assert all(s.subjects[0].startswith("acme.") for s in t.streams())
