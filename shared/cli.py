@@ -11,6 +11,8 @@ from typing import Any
 
 import orjson
 
+from shared.dlq_cli import add_commands as add_dlq_commands
+from shared.dlq_cli import run_dlq, run_status
 from shared.envelope import MetaValue
 from shared.errors import ConfigError, OrchestratorError
 from shared.natsserver import EmbeddedNats
@@ -78,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     health = sub.add_parser("health", help="exit 0 if a stage process reported itself healthy")
     health.add_argument("--file", type=Path, help="the stage's health_file (default: from config)")
     health.add_argument("--max-age", type=float, default=15.0, help="seconds (default 15)")
+
+    add_dlq_commands(sub, _stage_names())
 
     result = sub.add_parser("result", help="print the stored result of a request (or wait)")
     result.add_argument("request_id")
@@ -232,6 +236,18 @@ async def _cmd_health(args: argparse.Namespace, settings: Settings) -> int:
     return 1
 
 
+async def _with_bus(args: argparse.Namespace, settings: Settings) -> int:
+    from shared.bus import Bus
+
+    bus = await Bus.connect(_url(settings), name=f"orchestrator-{args.command}", wait=5.0)
+    try:
+        if args.command == "status":
+            return await run_status(args, settings, bus)
+        return await run_dlq(args, settings, bus)
+    finally:
+        await bus.close()
+
+
 Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
 COMMANDS: dict[str, Command] = {
     "demo": _cmd_demo,
@@ -243,6 +259,8 @@ COMMANDS: dict[str, Command] = {
     "ask": _cmd_ask,
     "result": _cmd_result,
     "health": _cmd_health,
+    "status": _with_bus,
+    "dlq": _with_bus,
 }
 
 

@@ -1,0 +1,175 @@
+"""Operating the dead-letter stream: list, inspect, replay and purge entries.
+
+Replay and purge are safe to interrupt and run again. Each step is keyed by the entry's
+sequence: the republish carries `Nats-Msg-Id: replay:<stream>:<seq>` and the counter
+increment `replayed:<stream>:<seq>`, and the entry is deleted only after both are stored.
+A re-run within the duplicate window therefore completes what was left and repeats nothing.
+"""
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from shared import deadletter
+from shared.bus import Bus
+from shared.deadletter import Entry
+from shared.errors import OrchestratorError, Overloaded
+from shared.settings import Settings
+from shared.topology import COUNTERS, DLQ, Topology
+
+REPLAY_OF = "Orch-Replay-Of"
+"""Header on a replayed message: the sequence of the dead-letter entry it came from."""
+
+
+@dataclass(frozen=True)
+class EntryFilter:
+    """Which entries an operation applies to; every given field must match."""
+
+    stage: str | None = None
+    reason: str | None = None
+    session: str | None = None
+    request_id: str | None = None
+    since: float | None = None
+    until: float | None = None
+
+    def matches(self, entry: Entry) -> bool:
+        """Whether `entry` passes the filters the subject cannot express."""
+        return (
+            (self.session is None or entry.session_id == self.session)
+            and (self.request_id is None or entry.request_id == self.request_id)
+            and (self.since is None or entry.failed_at >= self.since)
+            and (self.until is None or entry.failed_at < self.until)
+        )
+
+
+@dataclass
+class ReplayReport:
+    """What a replay did."""
+
+    matched: int = 0
+    replayed: int = 0
+    failed: list[tuple[int, str]] = field(default_factory=list)
+
+
+Progress = Callable[[int, int], None]
+"""Called with (done, total) as an operation advances."""
+
+
+class DeadLetterQueue:
+    """The dead-letter stream of one pipeline."""
+
+    def __init__(self, bus: Bus, settings: Settings) -> None:
+        self._bus = bus
+        self._topology = Topology(settings)
+        self.stream = self._topology.stream_name(DLQ)
+        self._counters = self._topology.stream_name(COUNTERS)
+
+    async def entries(
+        self, flt: EntryFilter | None = None, limit: int | None = None
+    ) -> AsyncIterator[Entry]:
+        """Matching entries, oldest first."""
+        flt = flt or EntryFilter()
+        subject = self._topology.dlq_subject(flt.stage or "*", flt.reason or "*")
+        seq, found = 1, 0
+        while limit is None or found < limit:
+            msg = await self._bus.message_at(self.stream, seq, subject)
+            if msg is None:
+                return
+            seq = msg.seq + 1
+            entry = Entry.parse(msg.seq, msg.data, msg.headers)
+            if flt.matches(entry):
+                found += 1
+                yield entry
+
+    async def get(self, seq: int) -> Entry | None:
+        """The entry with sequence `seq`, or None."""
+        msg = await self._bus.message_at(self.stream, seq, self._topology.dlq_subject())
+        if msg is None or msg.seq != seq:
+            return None
+        return Entry.parse(msg.seq, msg.data, msg.headers)
+
+    async def count(self, flt: EntryFilter | None = None, limit: int | None = None) -> int:
+        """How many entries match."""
+        return sum([1 async for _ in self.entries(flt, limit)])
+
+    async def replay(
+        self,
+        flt: EntryFilter | None = None,
+        *,
+        limit: int | None = None,
+        rate: float | None = None,
+        dry_run: bool = False,
+        progress: Progress | None = None,
+    ) -> ReplayReport:
+        """Send matching entries back to the subject they failed on, then delete them.
+
+        `rate` caps replays per second. A full target stream stops the replay (the rest
+        stays in the dead-letter stream); other per-entry problems are reported and skipped.
+        """
+        total = await self.count(flt, limit)
+        report = ReplayReport()
+        interval = 1.0 / rate if rate else 0.0
+        next_at = time.monotonic()
+        async for entry in self.entries(flt, limit):
+            report.matched += 1
+            if dry_run:
+                continue
+            if interval:
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                next_at = max(next_at + interval, time.monotonic())
+            try:
+                await self._replay_one(entry)
+            except Overloaded as exc:  # the target is full: the rest waits for another run
+                report.failed.append((entry.seq, str(exc)))
+                break
+            except OrchestratorError as exc:
+                report.failed.append((entry.seq, str(exc)))
+                continue
+            report.replayed += 1
+            if progress:
+                progress(report.replayed, total)
+        return report
+
+    async def _replay_one(self, entry: Entry) -> None:
+        channel = self._channel_of(entry)
+        headers = {REPLAY_OF: str(entry.seq)}
+        for key in (deadletter.TRACEPARENT, deadletter.TRACESTATE):
+            if key in entry.headers:
+                headers[key] = entry.headers[key]
+        key = f"{self.stream}:{entry.seq}"
+        await self._bus.publish(
+            entry.subject, entry.payload, msg_id=f"replay:{key}", headers=headers
+        )
+        counter = self._topology.counter_subject(f"replayed.{channel}")
+        await self._bus.increment(counter, 1, msg_id=f"replayed:{key}")
+        await self._bus.delete(self.stream, entry.seq)
+
+    def _channel_of(self, entry: Entry) -> str:
+        parts = entry.subject.split(".")
+        channels = self._topology.channel_names()
+        if len(parts) != 3 or parts[0] != self._topology.prefix or parts[1] not in channels:
+            raise OrchestratorError(
+                f"entry {entry.seq}: original subject {entry.subject!r} is not a pipeline channel"
+            )
+        return parts[1]
+
+    async def purge(
+        self,
+        flt: EntryFilter | None = None,
+        *,
+        limit: int | None = None,
+        progress: Progress | None = None,
+    ) -> int:
+        """Delete matching entries for good; return how many were deleted."""
+        total = await self.count(flt, limit) if progress else 0
+        deleted = 0
+        counter = self._topology.counter_subject("purged")
+        async for entry in self.entries(flt, limit):
+            # Counted before deleting: a crash in between is made good by a re-run.
+            await self._bus.increment(counter, 1, msg_id=f"purged:{self.stream}:{entry.seq}")
+            if await self._bus.delete(self.stream, entry.seq):
+                deleted += 1
+            if progress:
+                progress(deleted, total)
+        return deleted

@@ -1,0 +1,219 @@
+"""The `orchestrator dlq` and `orchestrator status` commands."""
+
+import argparse
+import asyncio
+import re
+import sys
+import time
+from datetime import datetime
+
+import orjson
+
+from shared.bus import Bus
+from shared.deadletter import Entry
+from shared.dlq import DeadLetterQueue, EntryFilter
+from shared.errors import ConfigError
+from shared.failure import Reason
+from shared.settings import Settings
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_time(text: str, now: float | None = None) -> float:
+    """`90s`, `15m`, `2h`, `7d` ago; an ISO-8601 time; or unix seconds."""
+    now = time.time() if now is None else now
+    if m := _DURATION.match(text):
+        return now - float(m.group(1)) * _UNITS[m.group(2)]
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(
+            f"cannot read time {text!r}: use 15m, 2h, 7d, an ISO-8601 time or unix seconds"
+        ) from None
+    return parsed.timestamp()
+
+
+def add_commands(sub: argparse._SubParsersAction, stage_names: list[str]) -> None:
+    """Register `status` and `dlq ...` on the main parser."""
+    status = sub.add_parser("status", help="accounting identity and per-stage queues")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    dlq = sub.add_parser("dlq", help="inspect, replay and purge the dead-letter stream")
+    ops = dlq.add_subparsers(dest="dlq_command", required=True, metavar="OPERATION")
+
+    def filters(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--stage", choices=stage_names, help="only entries from this stage")
+        p.add_argument("--reason", choices=[r.value for r in Reason], help="only this reason")
+        p.add_argument("--session", help="only this session id")
+        p.add_argument("--request-id", help="only this request id")
+        p.add_argument("--since", help="failed at or after: 15m, 2h, 7d, ISO-8601, unix time")
+        p.add_argument("--until", help="failed before (same forms as --since)")
+        p.add_argument("--limit", type=int, help="at most this many entries")
+
+    ls = ops.add_parser("ls", help="list entries (oldest first)")
+    filters(ls)
+    ls.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    show = ops.add_parser("show", help="one entry: headers and payload")
+    show.add_argument("seq", type=int, help="the entry's sequence number (from ls)")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+
+    replay = ops.add_parser(
+        "replay",
+        help="send entries back where they failed, then delete them",
+        description="Republish each matching entry's original payload to its original subject "
+        "(with a fresh Nats-Msg-Id), and delete the entry once the republish is stored. Safe "
+        "to interrupt: run it again (within the duplicate window) to finish the rest.",
+    )
+    filters(replay)
+    replay.add_argument("--dry-run", action="store_true", help="only say what would be replayed")
+    replay.add_argument("--rate", type=float, help="at most this many replays per second")
+
+    purge = ops.add_parser("purge", help="delete entries for good")
+    filters(purge)
+    purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+
+def _filter(args: argparse.Namespace) -> EntryFilter:
+    return EntryFilter(
+        stage=args.stage,
+        reason=args.reason,
+        session=args.session,
+        request_id=args.request_id,
+        since=parse_time(args.since) if args.since else None,
+        until=parse_time(args.until) if args.until else None,
+    )
+
+
+def _entry_dict(entry: Entry, payload: bool = False) -> dict[str, object]:
+    out: dict[str, object] = {
+        "seq": entry.seq,
+        "failed_at": entry.failed_at,
+        "stage": entry.stage,
+        "reason": entry.reason,
+        "request_id": entry.request_id,
+        "session_id": entry.session_id,
+        "subject": entry.subject,
+        "delivered": entry.delivered,
+        "error": entry.error,
+        "size": len(entry.payload),
+    }
+    if payload:
+        out["headers"] = dict(entry.headers)
+        try:
+            out["payload"] = orjson.loads(entry.payload)
+        except orjson.JSONDecodeError:
+            out["payload_bytes"] = entry.payload.decode("latin-1")
+    return out
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+class _Bar:
+    """A progress bar on stderr when it is a terminal; silent otherwise."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.enabled = sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled or total <= 0:
+            return
+        width = 30
+        filled = width * done // total
+        bar = "#" * filled + "." * (width - filled)
+        sys.stderr.write(f"\r{self.label} [{bar}] {done}/{total}")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+async def run_status(args: argparse.Namespace, settings: Settings, bus: Bus) -> int:
+    """`orchestrator status`."""
+    from services.registry import PIPELINE
+    from shared.status import format_status, read_status
+
+    status = await read_status(bus, settings, list(PIPELINE))
+    if args.json:
+        print(orjson.dumps(status.to_dict(), option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(format_status(status))
+    return 0
+
+
+async def run_dlq(args: argparse.Namespace, settings: Settings, bus: Bus) -> int:
+    """`orchestrator dlq OPERATION`."""
+    dlq = DeadLetterQueue(bus, settings)
+    op = args.dlq_command
+    if op == "show":
+        entry = await dlq.get(args.seq)
+        if entry is None:
+            print(f"no dead-letter entry #{args.seq}", file=sys.stderr)
+            return 1
+        if args.json:
+            print(
+                orjson.dumps(_entry_dict(entry, payload=True), option=orjson.OPT_INDENT_2).decode()
+            )
+            return 0
+        for key, value in _entry_dict(entry).items():
+            print(f"{key:>11}: {_when(value) if key == 'failed_at' else value}")  # type: ignore[arg-type]
+        print("    headers:")
+        for key, value in entry.headers.items():
+            print(f"      {key}: {value}")
+        print("    payload:")
+        print(entry.payload.decode("utf-8", errors="backslashreplace"))
+        return 0
+    flt = _filter(args)
+    if op == "ls":
+        count = 0
+        if not args.json:
+            print(
+                f"{'seq':>7}  {'failed at':<19}  {'stage':<9} {'reason':<12} {'request':<32}  error"
+            )
+        async for entry in dlq.entries(flt, args.limit):
+            count += 1
+            if args.json:
+                print(orjson.dumps(_entry_dict(entry)).decode())
+            else:
+                print(
+                    f"{entry.seq:>7}  {_when(entry.failed_at):<19}  {entry.stage:<9} "
+                    f"{entry.reason:<12} {entry.request_id or '-':<32}  {entry.error[:80]}"
+                )
+        if not args.json:
+            print(f"{count} entries", file=sys.stderr)
+        return 0
+    if op == "replay":
+        report = await dlq.replay(
+            flt, limit=args.limit, rate=args.rate, dry_run=args.dry_run, progress=_Bar("replay")
+        )
+        if args.dry_run:
+            print(f"would replay {report.matched} entries")
+            return 0
+        print(f"replayed {report.replayed} of {report.matched} entries")
+        for seq, error in report.failed:
+            print(f"  #{seq} not replayed: {error}", file=sys.stderr)
+        return 1 if report.failed else 0
+    if op == "purge":
+        matched = await dlq.count(flt, args.limit)
+        if matched == 0:
+            print("no matching entries")
+            return 0
+        if not args.yes:
+            if not sys.stdin.isatty():
+                raise ConfigError(f"refusing to purge {matched} entries without --yes")
+            question = f"Delete {matched} dead-letter entries for good? [y/N] "
+            answer = await asyncio.to_thread(input, question)
+            if answer.strip().lower() not in ("y", "yes"):
+                print("nothing deleted")
+                return 1
+        deleted = await dlq.purge(flt, limit=args.limit, progress=_Bar("purge"))
+        print(f"purged {deleted} entries")
+        return 0
+    raise ConfigError(f"unknown dlq operation {op!r}")

@@ -1,0 +1,95 @@
+"""The accounting identity under replays and purges, without a server."""
+
+from shared.accounting import Snapshot, account
+from shared.deadletter import Entry, entry_headers
+from shared.dlq import EntryFilter
+from shared.dlq_cli import parse_time
+
+CHANNELS = {"intake": 0, "assemble": 0, "inference": 0, "post": 0, "stream": 0}
+
+
+def snap(**kw) -> Snapshot:
+    base = dict(
+        intake_stored=0,
+        results_stored=0,
+        dead_letters_stored=0,
+        dead_letters_now=0,
+        channel_messages=dict(CHANNELS),
+        replayed={},
+        purged=0,
+    )
+    base.update(kw)
+    return Snapshot(**base)
+
+
+def test_quiet_pipeline_balances():
+    a = account(snap(intake_stored=100, results_stored=90, dead_letters_stored=10,
+                     dead_letters_now=10))  # fmt: skip
+    assert (a.accepted, a.completed, a.dead_lettered, a.in_flight) == (100, 90, 10, 0)
+    assert a.balanced
+
+
+def test_in_flight_counts_messages_in_channels():
+    a = account(snap(intake_stored=10, results_stored=4,
+                     channel_messages={**CHANNELS, "intake": 3, "post": 3}))  # fmt: skip
+    assert a.in_flight == 6
+    assert a.balanced
+
+
+def test_replay_into_intake_is_not_a_new_acceptance():
+    # 10 accepted, 2 dead-lettered at rag, both replayed to intake and completed.
+    a = account(snap(intake_stored=12, results_stored=10, dead_letters_stored=2,
+                     replayed={"intake": 2}))  # fmt: skip
+    assert (a.accepted, a.dead_lettered, a.replayed) == (10, 0, 2)
+    assert a.balanced
+
+
+def test_replay_into_inner_channel_moves_request_back_in_flight():
+    a = account(snap(intake_stored=5, results_stored=4, dead_letters_stored=1,
+                     replayed={"inference": 1},
+                     channel_messages={**CHANNELS, "inference": 1}))  # fmt: skip
+    assert (a.dead_lettered, a.in_flight) == (0, 1)
+    assert a.balanced
+
+
+def test_purged_entries_stay_dead_lettered():
+    a = account(snap(intake_stored=5, results_stored=3, dead_letters_stored=2,
+                     dead_letters_now=0, purged=2))  # fmt: skip
+    assert (a.dead_lettered, a.dead_letters_now, a.purged) == (2, 0, 2)
+    assert a.balanced
+
+
+def test_unbalanced_is_reported():
+    assert not account(snap(intake_stored=5, results_stored=3)).balanced
+
+
+def test_filter_matches_headers_and_time():
+    headers = entry_headers(reason="failed", error="E", stage="post", subject="orch.post.1",
+                            delivered=3, request_id="r1", session_id="s1", now=100.0)  # fmt: skip
+    entry = Entry.parse(7, b"{}", headers)
+    assert (entry.reason, entry.stage, entry.delivered, entry.failed_at) == (
+        "failed",
+        "post",
+        3,
+        100.0,
+    )
+    assert EntryFilter(session="s1", request_id="r1", since=100.0, until=101.0).matches(entry)
+    assert not EntryFilter(session="s2").matches(entry)
+    assert not EntryFilter(since=100.5).matches(entry)
+    assert not EntryFilter(until=100.0).matches(entry)
+
+
+def test_entry_headers_are_single_line_and_bounded():
+    headers = entry_headers(reason="invalid", error="a\nb" + "x" * 5000, stage="rag",
+                            subject="orch.intake.0", delivered=1,
+                            original={"traceparent": "00-abc-def-01"})  # fmt: skip
+    assert "\n" not in headers["Orch-Error"]
+    assert len(headers["Orch-Error"]) <= 1024
+    assert headers["traceparent"] == "00-abc-def-01"
+
+
+def test_parse_time_forms():
+    assert parse_time("90s", now=1000.0) == 910.0
+    assert parse_time("2h", now=10_000.0) == 2800.0
+    assert parse_time("1700000000") == 1700000000.0
+    assert parse_time("2026-01-01T00:00:00+00:00") == 1767225600.0
