@@ -9,6 +9,7 @@ server ask for `nats_binary`, which is always the binary.
 import functools
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from services.registry import PIPELINE
 from shared.natsserver import EmbeddedNats
+from tests.support import StageProcess, stage_env
 
 
 @dataclass
@@ -67,3 +70,24 @@ def nats_server(tmp_path: Path) -> Iterator[NatsHandle]:
         yield NatsHandle(server.url, server)
     finally:
         server.stop()
+
+
+@pytest.fixture
+def mesh(nats_server, tmp_path):
+    """Start the five stages as separate processes: `env, procs = mesh(**ORCH_overrides)`.
+
+    At the end every process gets SIGTERM and must drain and exit 0.
+    """
+    procs: list[StageProcess] = []
+
+    def start(**overrides: str):
+        env = stage_env(nats_server.url, **overrides)
+        procs.extend(StageProcess(spec.name, env, tmp_path) for spec in PIPELINE)
+        return env, {p.stage: p for p in procs}
+
+    yield start
+    for p in procs:  # stop all at once: each drain takes up to a fetch wait
+        if p.proc and p.proc.poll() is None:
+            p.signal(signal.SIGTERM)
+    codes = {p.stage: p.stop() for p in procs}
+    assert all(code == 0 for code in codes.values()), codes

@@ -7,11 +7,15 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from services.registry import STAGES
 from shared.client import Client
 from shared.envelope import Result
 from shared.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from shared.status import Status
 
 ROOT = Path(__file__).parents[1]
 
@@ -140,3 +144,27 @@ def orchestrator_command() -> list[str]:
     found = str(script) if script.exists() else shutil.which("orchestrator")
     assert found, "the orchestrator command is not installed (pip install -e .)"
     return [found]
+
+
+async def wait_quiet(url: str, settings: Settings, timeout: float = 120.0) -> "Status":
+    """Poll `orchestrator status` until nothing is in flight; return that status."""
+    from services.registry import PIPELINE
+    from shared.bus import Bus
+    from shared.status import read_status
+
+    async with await Bus.connect(url, name="test-status") as bus:
+        async with asyncio.timeout(timeout):
+            while True:
+                status = await read_status(bus, settings, list(PIPELINE))
+                busy = status.accounts.in_flight or any(s.ack_pending for s in status.stages)
+                if not busy:
+                    return status
+                await asyncio.sleep(0.2)
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The peak resident set size of a live process, in MB (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmHWM for pid {pid}")

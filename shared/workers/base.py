@@ -1,6 +1,8 @@
 """The ModelWorker protocol and how a worker is chosen from settings."""
 
 import importlib
+import os
+import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol, runtime_checkable
 
@@ -24,7 +26,8 @@ class ModelWorker(Protocol):
 def load_worker(settings: WorkerSettings) -> ModelWorker:
     """Build the worker named by `settings.kind`: a built-in name or `module:factory`.
 
-    A factory is called with the WorkerSettings and must return a ModelWorker.
+    A factory is called with the WorkerSettings and must return a ModelWorker. Modules are
+    imported from the installed packages or the working directory.
     """
     from shared.workers.echo import EchoWorker
 
@@ -39,6 +42,10 @@ def load_worker(settings: WorkerSettings) -> ModelWorker:
                 f"unknown worker kind {settings.kind!r}: use one of {sorted(builtins)} "
                 "or 'package.module:factory'"
             )
+        # Like uvicorn and gunicorn: a worker module in the working directory is importable
+        # even when the process was started through an installed script.
+        if os.getcwd() not in sys.path:
+            sys.path.append(os.getcwd())
         try:
             factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:

@@ -13,7 +13,7 @@ from shared.client import Client
 from shared.envelope import Envelope
 from shared.retrieval import Retriever
 from shared.topology import Topology
-from tests.support import StageProcess, collect, settings_for, stage_env, wait_until_consuming
+from tests.support import collect, settings_for, wait_until_consuming
 
 SESSIONS = [f"session-{i}" for i in range(6)] + ["with.dots and spaces*>", "会话"]
 STAGE_NAMES = [spec.name for spec in PIPELINE]
@@ -67,23 +67,6 @@ async def check_exactly_once(url, settings, sent, timeout):
         assert result.output.endswith(f"Question: {text} Answer:")
         assert [hop.stage for hop in result.hops] == STAGE_NAMES
     return seen
-
-
-@pytest.fixture
-def mesh(nats_server, tmp_path):
-    procs: list[StageProcess] = []
-
-    def start(**overrides: str):
-        env = stage_env(nats_server.url, **overrides)
-        procs.extend(StageProcess(stage, env, tmp_path) for stage in STAGE_NAMES)
-        return env, {p.stage: p for p in procs}
-
-    yield start
-    for p in procs:  # stop all at once: each drain takes up to a fetch wait
-        if p.proc and p.proc.poll() is None:
-            p.signal(signal.SIGTERM)
-    codes = {p.stage: p.stop() for p in procs}
-    assert all(code == 0 for code in codes.values()), codes
 
 
 @pytest.mark.slow

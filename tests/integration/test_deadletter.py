@@ -1,0 +1,251 @@
+"""Backpressure, poison, expiry and replay: every request ends in exactly one place.
+
+Stages run as separate processes on a real nats-server; counts are read from the server.
+"""
+
+import asyncio
+import json
+import signal
+import subprocess
+import time
+
+from shared.bus import Bus
+from shared.client import Client
+from shared.dlq import DeadLetterQueue, EntryFilter
+from shared.errors import Overloaded
+from tests.support import (
+    ROOT,
+    collect,
+    orchestrator_command,
+    peak_rss_mb,
+    settings_for,
+    wait_quiet,
+    wait_until_consuming,
+)
+
+
+async def dead_letters(url, settings, flt=None):
+    async with await Bus.connect(url, name="test-dlq") as bus:
+        return [e async for e in DeadLetterQueue(bus, settings).entries(flt)]
+
+
+async def results_stored(url, settings):
+    async with await Bus.connect(url, name="test-results") as bus:
+        return (await bus.stream_state(f"{settings.stream_prefix}_RESULTS")).last_seq
+
+
+def poison_env(tmp_path, **extra):
+    return {
+        "ORCH_WORKER__KIND": "tests.workers:poison",
+        "POISON_LOG": str(tmp_path / "calls.log"),
+        "POISON_CURE": str(tmp_path / "cured"),
+        **extra,
+    }
+
+
+def calls(tmp_path) -> list[str]:
+    path = tmp_path / "calls.log"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+async def test_overload_sheds_with_reason_and_accounts_for_everything(nats_server, mesh):
+    # A slow model behind small channels: intake outruns the pipeline by far.
+    env, procs = mesh(
+        ORCH_CHANNELS__INTAKE__CAPACITY="150",
+        ORCH_CHANNELS__INFERENCE__CAPACITY="10",
+        ORCH_CHANNELS__POST__CAPACITY="20",
+        ORCH_WORKER__ECHO_TOKEN_DELAY="0.004",
+        ORCH_STAGES__INFERENCE__CONCURRENCY="4",
+        ORCH_STAGES__INFERENCE__MAX_ACK_PENDING="8",
+    )
+    settings = settings_for(env)
+    await wait_until_consuming(nats_server.url, settings)
+    client = await Client.connect(settings, nats_server.url)
+    accepted, refused = [], 0
+    try:
+        for start in range(0, 400, 50):
+            outcomes = await asyncio.gather(
+                *(client.publish(f"q{i}: what is backpressure?", f"s{i % 9}")
+                  for i in range(start, start + 50)),
+                return_exceptions=True,
+            )  # fmt: skip
+            for outcome in outcomes:
+                if isinstance(outcome, Overloaded):
+                    refused += 1
+                elif isinstance(outcome, BaseException):
+                    raise outcome
+                else:
+                    accepted.append(outcome)
+    finally:
+        await client.close()
+
+    status = await wait_quiet(nats_server.url, settings)
+    rss = {stage: peak_rss_mb(p.proc.pid) for stage, p in procs.items()}
+    entries = await dead_letters(nats_server.url, settings)
+    shed = [e for e in entries if e.reason == "backpressure"]
+    completed = await results_stored(nats_server.url, settings)
+    a = status.accounts
+    print(f"\noverload: published 400, refused at intake {refused}, accepted {len(accepted)}, "
+          f"completed {completed}, shed {len(shed)}; peak RSS MB {rss}")  # fmt: skip
+
+    assert len(accepted) + refused == 400
+    assert shed, "the small inference channel never filled"
+    assert len(shed) == len(entries), {e.reason for e in entries}
+    assert all("is full" in e.error for e in shed)
+    # Every accepted request ended in exactly one place, and the status agrees.
+    assert {e.request_id for e in entries}.isdisjoint(
+        await collect_ids(nats_server.url, settings, len(accepted) - len(entries))
+    )
+    assert completed + len(entries) == len(accepted)
+    assert (a.accepted, a.completed, a.dead_lettered, a.in_flight) == (
+        len(accepted), completed, len(entries), 0)  # fmt: skip
+    assert a.balanced
+    inference = next(s for s in status.stages if s.stage == "assemble")
+    assert inference.dead_lettered == {"backpressure": len(shed)}
+    assert all(mb < 200 for mb in rss.values()), rss
+
+
+async def collect_ids(url, settings, n):
+    client = await Client.connect(settings, url)
+    try:
+        seen: set[str] = set()
+        async with asyncio.timeout(30):
+            async for result in client.results():
+                seen.add(result.request_id)
+                if len(seen) >= n:
+                    break
+        return seen
+    finally:
+        await client.close()
+
+
+async def test_poison_is_dead_lettered_after_max_deliver_then_replayed(nats_server, mesh, tmp_path):
+    env, _ = mesh(**poison_env(
+        tmp_path,
+        ORCH_STAGES__INFERENCE__MAX_DELIVER="3",
+        ORCH_STAGES__INFERENCE__BACKOFF="[0.05, 0.1]",
+    ))  # fmt: skip
+    settings = settings_for(env)
+    await wait_until_consuming(nats_server.url, settings)
+    client = await Client.connect(settings, nats_server.url)
+    try:
+        texts = [f"poison pill {i}" if i % 6 == 0 else f"healthy {i}" for i in range(30)]
+        ids = {await client.publish(t, f"sess-{i % 4}"): t for i, t in enumerate(texts)}
+    finally:
+        await client.close()
+    poisoned = {rid for rid, t in ids.items() if t.startswith("poison")}
+
+    status = await wait_quiet(nats_server.url, settings)
+    entries = await dead_letters(nats_server.url, settings)
+    assert {e.request_id for e in entries} == poisoned
+    for e in entries:
+        assert (e.reason, e.stage, e.delivered) == ("failed", "inference", 3)
+        assert e.error == "RuntimeError: poisoned input"
+        assert e.subject.startswith("orch.inference.")
+        assert json.loads(e.payload)["request_id"] == e.request_id  # original bytes kept
+    tries = calls(tmp_path)
+    for rid in poisoned:
+        assert sum(f"Question: {ids[rid]}\n" in c for c in tries) == 3
+    assert status.accounts.balanced
+    assert (status.accounts.completed, status.accounts.dead_lettered) == (25, 5)
+
+    # The cause is removed; a replay brings each back exactly once.
+    (tmp_path / "cured").touch()
+    done = subprocess.run(
+        [*orchestrator_command(), "dlq", "replay", "--stage", "inference"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "replayed 5 of 5 entries" in done.stdout
+    client = await Client.connect(settings, nats_server.url)
+    try:
+        for rid in poisoned:
+            result = await client.result(rid, timeout=30)
+            assert result.output.endswith(f"Question: {ids[rid]} Answer:")
+    finally:
+        await client.close()
+    status = await wait_quiet(nats_server.url, settings)
+    assert await dead_letters(nats_server.url, settings) == []
+    assert await results_stored(nats_server.url, settings) == 30
+    a = status.accounts
+    assert (a.accepted, a.completed, a.dead_lettered, a.replayed) == (30, 30, 0, 5)
+    assert a.balanced
+
+
+async def test_replay_killed_midway_completes_without_duplicates(nats_server, mesh, tmp_path):
+    env, _ = mesh(**poison_env(tmp_path, ORCH_STAGES__INFERENCE__MAX_DELIVER="1"))
+    settings = settings_for(env)
+    await wait_until_consuming(nats_server.url, settings)
+    client = await Client.connect(settings, nats_server.url)
+    try:
+        ids = {await client.publish(f"poison {i}", f"s{i}"): f"poison {i}" for i in range(40)}
+    finally:
+        await client.close()
+    await wait_quiet(nats_server.url, settings)
+    assert len(await dead_letters(nats_server.url, settings)) == 40
+
+    (tmp_path / "cured").touch()
+    replay = [*orchestrator_command(), "dlq", "replay"]
+    first = subprocess.Popen([*replay, "--rate", "10"], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    time.sleep(2.0)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    left = len(await dead_letters(nats_server.url, settings))
+    assert 0 < left < 40, f"the kill did not land mid-way ({left} left)"
+
+    second = subprocess.run(replay, cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert second.returncode == 0, second.stderr
+    client = await Client.connect(settings, nats_server.url)
+    try:
+        await collect(client, set(ids), timeout=60)
+    finally:
+        await client.close()
+    status = await wait_quiet(nats_server.url, settings)
+    print(f"\nreplay: killed with {left} of 40 left; second run: {second.stdout.strip()}")
+    assert await results_stored(nats_server.url, settings) == 40  # no result stored twice
+    tries = calls(tmp_path)
+    for text in ids.values():  # one failed attempt, then exactly one replayed attempt
+        assert sum(f"Question: {text}\n" in c for c in tries) == 2, text
+    assert status.accounts.balanced
+    assert status.accounts.replayed == 40
+
+
+async def test_expired_requests_are_dead_lettered_not_processed(nats_server, mesh, tmp_path):
+    # One request at a time, ~0.4 s each: most wait past their deadline in the inference queue.
+    env, _ = mesh(**poison_env(
+        tmp_path,
+        ORCH_WORKER__ECHO_TOKEN_DELAY="0.05",
+        ORCH_STAGES__INFERENCE__CONCURRENCY="1",
+        ORCH_STAGES__INFERENCE__BATCH="1",
+    ))  # fmt: skip
+    settings = settings_for(env)
+    await wait_until_consuming(nats_server.url, settings)
+    client = await Client.connect(settings, nats_server.url)
+    try:
+        deadline = time.time() + 1.5
+        ids = {
+            await client.publish(f"urgent {i}", f"s{i}", deadline=deadline): f"urgent {i}"
+            for i in range(12)
+        }
+        late = await client.publish("already late", "s", deadline=time.time() - 1)
+    finally:
+        await client.close()
+    status = await wait_quiet(nats_server.url, settings)
+    entries = await dead_letters(nats_server.url, settings, EntryFilter(reason="expired"))
+    expired = {e.request_id for e in entries}
+    assert late in expired
+    assert next(e for e in entries if e.request_id == late).stage == "rag"
+    assert status.accounts.completed == len(ids) - len(expired & set(ids))
+    # Those that expired waiting for inference never reached the model; one that expired
+    # later (after its model call) is dead-lettered all the same.
+    before_model = {e.request_id for e in entries if e.stage == "inference"}
+    assert before_model, "no request expired in the inference queue"
+    tries = calls(tmp_path)
+    for rid in before_model:
+        assert not any(f"Question: {ids[rid]}\n" in c for c in tries)
+    assert len(tries) == len(ids) - len(before_model)
+    assert status.accounts.balanced

@@ -1,0 +1,40 @@
+"""Model workers for tests, loaded by stage processes as `tests.workers:<factory>`."""
+
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from shared.settings import WorkerSettings
+from shared.workers import EchoWorker
+
+
+class PoisonWorker(EchoWorker):
+    """Echoes, but fails on prompts containing `poison` until the cure file exists.
+
+    Every call is appended to $POISON_LOG (one JSON string per line), so tests can count
+    attempts from outside the process.
+    """
+
+    def __init__(self, token_delay: float, log: Path | None, cure: Path | None) -> None:
+        super().__init__(token_delay)
+        self.log = log
+        self.cure = cure
+
+    async def stream(self, prompt: str, *, session_id: str) -> AsyncIterator[str]:
+        """Record the call, fail if poisoned, else echo."""
+        if self.log is not None:
+            with self.log.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(prompt) + "\n")
+        if "poison" in prompt and not (self.cure and self.cure.exists()):
+            raise RuntimeError("poisoned input")
+        async for token in super().stream(prompt, session_id=session_id):
+            yield token
+
+
+def poison(settings: WorkerSettings) -> PoisonWorker:
+    """Factory for `worker.kind = "tests.workers:poison"`."""
+    log, cure = os.environ.get("POISON_LOG"), os.environ.get("POISON_CURE")
+    return PoisonWorker(
+        settings.echo_token_delay, Path(log) if log else None, Path(cure) if cure else None
+    )
