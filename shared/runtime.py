@@ -157,13 +157,23 @@ class StageRuntime:
         )
         # Keyed by the input's stream sequence, so a redelivered copy is stored only once.
         msg_id = f"dlq:{self._consumer.stream}:{delivery.stream_seq}"
-        try:
-            subject = self._topology.dlq_subject(self.spec.name, action.reason)
-            await self._bus.publish(subject, delivery.data, msg_id=msg_id, headers=headers)
-        except BusError as exc:
-            log.warning("%s: dead-letter stream refused entry (%s); will retry", self.instance, exc)
-            await delivery.nak(delay=self._cfg.backoff[-1] if self._cfg.backoff else 1.0)
-            return
+        subject = self._topology.dlq_subject(self.spec.name, action.reason)
+        wait = 0.5
+        while True:
+            try:
+                await self._bus.publish(subject, delivery.data, msg_id=msg_id, headers=headers)
+                break
+            except BusError as exc:
+                # A nak would spend one of the message's deliveries; once they ran out it
+                # would sit in its stream for good. So it is held here (the keep-alive stops
+                # redelivery) until the dead-letter stream has room again.
+                if self._stopping.is_set():
+                    await delivery.nak()
+                    return
+                log.warning("%s: dead-letter stream refused entry (%s); retrying in %.1fs",
+                            self.instance, exc, wait)  # fmt: skip
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, 10.0)
         await delivery.ack()
         counts = self.counters.dead_lettered
         counts[action.reason] = counts.get(action.reason, 0) + 1

@@ -249,3 +249,39 @@ async def test_expired_requests_are_dead_lettered_not_processed(nats_server, mes
         assert not any(f"Question: {ids[rid]}\n" in c for c in tries)
     assert len(tries) == len(ids) - len(before_model)
     assert status.accounts.balanced
+
+
+async def test_full_dead_letter_stream_holds_messages_until_there_is_room(
+    nats_server, mesh, tmp_path
+):
+    env, _ = mesh(**poison_env(
+        tmp_path, ORCH_STAGES__INFERENCE__MAX_DELIVER="1", ORCH_DEAD_LETTER__MAX_MSGS="2"
+    ))  # fmt: skip
+    settings = settings_for(env)
+    await wait_until_consuming(nats_server.url, settings)
+    client = await Client.connect(settings, nats_server.url)
+    try:
+        ids = {await client.publish(f"poison {i}", f"s{i}") for i in range(4)}
+    finally:
+        await client.close()
+
+    async with asyncio.timeout(30):  # two fit; two are held by the stage, not dropped
+        while len(await dead_letters(nats_server.url, settings)) < 2:
+            await asyncio.sleep(0.1)
+    await asyncio.sleep(1.0)
+    async with await Bus.connect(nats_server.url, name="t") as bus:
+        inference = await bus.stream_state("ORCH_INFERENCE")
+    assert inference.messages == 2
+    assert len(await dead_letters(nats_server.url, settings)) == 2
+
+    purged = subprocess.run([*orchestrator_command(), "dlq", "purge", "--yes"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert purged.stdout.strip() == "purged 2 entries", purged.stderr
+    status = await wait_quiet(nats_server.url, settings, timeout=60)
+    held = await dead_letters(nats_server.url, settings)
+    assert len(held) == 2
+    assert {e.request_id for e in held} < ids
+    assert all(e.delivered == 1 for e in held)  # held, not redelivered
+    a = status.accounts
+    assert (a.accepted, a.dead_lettered, a.purged, a.in_flight) == (4, 4, 2, 0)
+    assert a.balanced
