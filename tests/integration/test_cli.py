@@ -1,8 +1,10 @@
 """The command line as a user runs it: demo, up, publish, ask, result."""
 
 import os
+import re
 import signal
 import subprocess
+import sys
 import time
 
 from tests.support import ROOT, orchestrator_command, stage_env
@@ -63,6 +65,20 @@ def test_up_publish_ask_result_round_trip(nats_server, tmp_path):
         assert '"session_id": "s.1"' in result.stdout
 
         assert run(["health"], env).returncode == 0
+
+        # The README's Python example, run as written.
+        readme = (ROOT / "README.md").read_text(encoding="utf-8")
+        example = next(
+            block
+            for block in re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL)
+            if "Client.connect" in block
+        )
+        ran = subprocess.run([sys.executable, "-c", example], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert ran.returncode == 0, ran.stderr
+        lines = ran.stdout.splitlines()
+        assert lines[0].endswith("Question: What is JetStream? Answer:")
+        assert lines[1].endswith("Question: And consumers? Answer:")
     finally:
         up.send_signal(signal.SIGTERM)
         code = up.wait(60)
