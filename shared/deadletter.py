@@ -1,12 +1,17 @@
 """Dead-letter entries: the original payload byte for byte, plus headers saying why.
 
+Header values are ASCII: `Orch-Error` and `Orch-Session-Id` are percent-encoded (RFC 3986
+style, only where needed), so any session id and any error text round-trip exactly.
+
 Header names are constants here so that the runtime that writes entries and the operator
 tools that read them cannot drift apart. docs/PROTOCOL.md lists them.
 """
 
+import string
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import quote, unquote
 
 REASON = "Orch-Reason"
 ERROR = "Orch-Error"
@@ -20,12 +25,22 @@ TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
 
 _MAX_HEADER = 1024  # NATS headers are small; a long error is cut, never the payload
+_SAFE = "".join(ch for ch in string.printable if ch not in "%\t\n\r\x0b\x0c")
 
 
-def _clean(value: str) -> str:
-    # Header values must be one line of text.
-    flat = "".join(ch if ch.isprintable() else " " for ch in value)
-    return flat if len(flat) <= _MAX_HEADER else flat[: _MAX_HEADER - 3] + "..."
+def encode_value(value: str) -> str:
+    """Percent-encode what a header value cannot carry as it is (non-ASCII, controls, '%').
+
+    NATS headers are parsed like e-mail headers by most clients, which mangle non-ASCII
+    text; escaping keeps session ids and error messages exact across every client.
+    """
+    encoded = quote(value, safe=_SAFE)
+    return encoded if len(encoded) <= _MAX_HEADER else encoded[: _MAX_HEADER - 3] + "..."
+
+
+def decode_value(value: str | None) -> str | None:
+    """Undo `encode_value`."""
+    return None if value is None else unquote(str(value))
 
 
 def entry_headers(
@@ -43,7 +58,7 @@ def entry_headers(
     """The headers of a dead-letter entry; trace context is carried over from `original`."""
     hdrs = {
         REASON: reason,
-        ERROR: _clean(error),
+        ERROR: encode_value(error),
         STAGE: stage,
         SUBJECT: subject,
         DELIVERED: str(delivered),
@@ -52,7 +67,7 @@ def entry_headers(
     if request_id:
         hdrs[REQUEST_ID] = request_id
     if session_id:
-        hdrs[SESSION_ID] = _clean(session_id)
+        hdrs[SESSION_ID] = encode_value(session_id)
     for key in (TRACEPARENT, TRACESTATE):
         if original and key in original:
             hdrs[key] = original[key]
@@ -81,13 +96,13 @@ class Entry:
         return cls(
             seq=seq,
             reason=headers.get(REASON, ""),
-            error=headers.get(ERROR, ""),
+            error=decode_value(headers.get(ERROR)) or "",
             stage=headers.get(STAGE, ""),
             subject=headers.get(SUBJECT, ""),
             delivered=int(headers.get(DELIVERED, "0") or 0),
             failed_at=float(headers.get(FAILED_AT, "0") or 0),
             request_id=headers.get(REQUEST_ID),
-            session_id=headers.get(SESSION_ID),
+            session_id=decode_value(headers.get(SESSION_ID)),
             payload=payload,
             headers=headers,
         )

@@ -111,7 +111,7 @@ def decode(data: bytes, model: type[M], max_bytes: int) -> M:
     if not isinstance(raw, dict):
         raise InvalidMessage(f"expected a JSON object, got {type(raw).__name__}")
     version = raw.get("v")
-    if version != ENVELOPE_VERSION:
+    if type(version) is not int or version != ENVELOPE_VERSION:  # true and 1.0 are not 1
         raise InvalidMessage(
             f"v: unsupported envelope version {version!r}; this stage speaks {ENVELOPE_VERSION}"
         )

@@ -93,3 +93,12 @@ def test_parse_time_forms():
     assert parse_time("2h", now=10_000.0) == 2800.0
     assert parse_time("1700000000") == 1700000000.0
     assert parse_time("2026-01-01T00:00:00+00:00") == 1767225600.0
+
+
+def test_header_values_round_trip_any_text_as_ascii():
+    for text in ("会话 with.dots*>", "100% done\r\nnext", "ü: Extra inputs", "tab\there"):
+        headers = entry_headers(reason="invalid", error=text, stage="rag", subject="s",
+                                delivered=1, session_id=text)  # fmt: skip
+        assert headers["Orch-Error"].isascii() and headers["Orch-Session-Id"].isascii()
+        entry = Entry.parse(1, b"", headers)
+        assert (entry.error, entry.session_id) == (text, text)

@@ -66,3 +66,10 @@ def test_result_round_trip():
 def test_new_request_rejects_bad_request_id():
     with pytest.raises(InvalidMessage, match="request_id"):
         new_request("q", "s", request_id="has.dots")
+
+
+@pytest.mark.parametrize("version", [b"true", b"1.0", b'"1"'])
+def test_version_must_be_the_integer_one(version):
+    data = b'{"v":' + version + b',"request_id":"a","session_id":"s","input":"x","created_at":1}'
+    with pytest.raises(InvalidMessage, match="unsupported envelope version"):
+        decode(data, Envelope, 10_000)
