@@ -1,0 +1,1 @@
+"""Benchmarks: the project's pipeline against raw nats-py baselines, measured in one run."""

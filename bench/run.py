@@ -1,0 +1,422 @@
+"""Benchmark the pipeline against a raw nats-py five-hop baseline, in one run.
+
+    python -m bench.run            # full run (a few minutes)
+    python -m bench.run --quick    # ~20 s smoke run
+
+Each configuration gets a fresh nats-server (file storage, 127.0.0.1). Per configuration it
+measures: max throughput (N requests published as fast as the intake takes them, until all N
+results arrived), end-to-end latency under open-loop load at fixed rates, per-stage time
+(project pipelines), peak RSS of each stage process and CPU per request. The project and the
+baseline alternate, and ratios are computed from numbers of the same run.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import nats
+import orjson
+
+from bench.topology import HOPS, declare_raw
+from shared.envelope import encode, new_request
+from shared.latency import percentile
+from shared.natsserver import EmbeddedNats
+from shared.partition import partition_of
+
+ROOT = Path(__file__).parents[1]
+STAGES = ("rag", "assemble", "inference", "post", "stream")
+SESSIONS = [f"bench-session-{i}" for i in range(32)]
+TEXT = "How do JetStream pull consumers apply backpressure when a downstream stream is full?"
+
+
+@dataclass
+class Config:
+    """One deployment to measure."""
+
+    name: str
+    kind: str  # "project" | "project-up" | "raw" | "faststream"
+    instances: int = 1
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Measurement:
+    """Everything measured for one configuration in one round."""
+
+    config: str
+    requests: int
+    seconds: float
+    throughput: float
+    cpu_ms_per_request: float
+    server_cpu_ms_per_request: float
+    peak_rss_mb: dict[str, float]
+    latency: dict[str, dict[str, float]] = field(default_factory=dict)
+    stage_ms: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Deployment:
+    """A configuration running on its own nats-server."""
+
+    def __init__(self, config: Config, capacity: int, workdir: Path) -> None:
+        self.config = config
+        self.capacity = capacity
+        # A fresh store each time: streams left by an earlier run would skew everything.
+        self.store = Path(tempfile.mkdtemp(prefix="bench-", dir=workdir))
+        self.server = EmbeddedNats(store_dir=self.store)
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.project = config.kind.startswith("project")
+
+    async def start(self) -> None:
+        self.server.start()
+        url = self.server.url
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
+        env.update({"ORCH_NATS_URL": url, "ORCH_LOG_LEVEL": "WARNING", **self.config.env})
+        for channel in ("intake", *STAGES[1:]):
+            env[f"ORCH_CHANNELS__{channel.upper()}__CAPACITY"] = str(self.capacity)
+        if self.config.kind in ("raw", "faststream"):
+            await declare_raw(url, self.capacity, 512)
+            module = "bench.raw_hop" if self.config.kind == "raw" else "bench.faststream_hop"
+            cmds = [(f"h{h}", [sys.executable, "-m", module, url, str(h), str(HOPS)])
+                    for h in range(1, HOPS + 1)]  # fmt: skip
+        elif self.config.kind == "project-up":
+            cmds = [("up", [sys.executable, "-c", "from shared.cli import main; main()", "up"])]
+        else:
+            cmds = [(s, [sys.executable, "-m", f"services.{s}"]) for s in STAGES]
+        for _ in range(self.config.instances):
+            for name, cmd in cmds:
+                proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL)
+                self.procs.append((name, proc))
+        await self._wait_ready()
+
+    async def _wait_ready(self) -> None:
+        deadline = time.monotonic() + 60
+        if self.project:
+            from shared.bus import Bus
+            from shared.settings import load_settings
+            from shared.status import coverage
+
+            settings = load_settings(nats_url=self.server.url)
+            async with await Bus.connect(self.server.url, name="bench-ready") as bus:
+                while not all((await coverage(bus, settings)).values()):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"{self.config.name}: stages never started consuming")
+                    await asyncio.sleep(0.1)
+            return
+        nc = await nats.connect(self.server.url)
+        jsm = nc.jsm()
+        for stream, durable in [(f"RAW_H{h}", f"h{h}") for h in range(1, HOPS + 1)]:
+            while True:
+                with contextlib.suppress(Exception):
+                    info = await jsm.consumer_info(stream, durable)
+                    if (info.num_waiting or 0) >= self.config.instances:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.config.name}: {durable} never started consuming")
+                await asyncio.sleep(0.1)
+        await nc.close()
+
+    def cpu_seconds(self) -> float:
+        return sum(_cpu_seconds(p.pid) for _, p in self.procs)
+
+    def server_cpu_seconds(self) -> float:
+        return _cpu_seconds(self.server.pid)
+
+    def peak_rss(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for i, (name, proc) in enumerate(self.procs):
+            key = (
+                name
+                if self.config.instances == 1
+                else f"{name}#{i // (len(self.procs) // self.config.instances)}"
+            )
+            out[key] = round(_peak_rss_mb(proc.pid), 1)
+        return out
+
+    def stop(self) -> None:
+        for _, proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for _, proc in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.server.stop()
+        shutil.rmtree(self.store, ignore_errors=True)
+
+
+class Driver:
+    """Publishes requests and collects results for one deployment."""
+
+    def __init__(self, dep: Deployment) -> None:
+        self.dep = dep
+        self.arrivals: dict[str, float] = {}
+        self.latencies: list[float] = []
+        self.hops: list[list[dict[str, float]]] = []
+        self.waiter: asyncio.Future[None] | None = None
+        self.expected = 0
+
+    async def connect(self) -> None:
+        self.nc = await nats.connect(self.dep.server.url, pending_size=64 * 1024 * 1024)
+        self.js = self.nc.jetstream()
+        prefix = "orch" if self.dep.project else "raw"
+        await self.nc.subscribe(f"{prefix}.results.*", cb=self._on_result,
+                                pending_msgs_limit=1_000_000)  # fmt: skip
+
+    async def _on_result(self, msg: nats.aio.msg.Msg) -> None:
+        now = time.time()
+        if self.dep.project:
+            result = orjson.loads(msg.data)
+            rid, sent = result["request_id"], result["created_at"]
+            if self.keep_hops:
+                self.hops.append(result["hops"])
+        else:
+            rid, sent = msg.headers["Req-Id"], float(msg.headers["Sent-At"])
+        if rid in self.arrivals:
+            return
+        self.arrivals[rid] = now
+        self.latencies.append((now - sent) * 1000)
+        if len(self.arrivals) >= self.expected and self.waiter and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def _reset(self, expected: int, keep_hops: bool) -> None:
+        self.arrivals, self.latencies, self.hops = {}, [], []
+        self.expected, self.keep_hops = expected, keep_hops
+        self.waiter = asyncio.get_running_loop().create_future()
+
+    async def publish(self, i: int) -> None:
+        session = SESSIONS[i % len(SESSIONS)]
+        env = new_request(TEXT, session)
+        data = encode(env)
+        part = partition_of(session, 8)
+        if self.dep.project:
+            subject, headers = f"orch.intake.{part}", {"Nats-Msg-Id": f"{env.request_id}:client"}
+        else:
+            subject = f"raw.h1.{part}"
+            headers = {"Nats-Msg-Id": f"{env.request_id}:client", "Req-Id": env.request_id,
+                       "Sent-At": repr(env.created_at)}  # fmt: skip
+        await self.js.publish(subject, data, headers=headers)
+
+    async def max_throughput(self, n: int) -> tuple[float, float]:
+        """Publish n as fast as the intake acks them; seconds until the last result."""
+        self._reset(n, keep_hops=False)
+        start = time.time()
+        window = 512
+        for base in range(0, n, window):
+            await asyncio.gather(*(self.publish(i) for i in range(base, min(n, base + window))))
+        assert self.waiter is not None
+        await asyncio.wait_for(self.waiter, timeout=max(120.0, n / 50))
+        return max(self.arrivals.values()) - start, start
+
+    async def open_loop(self, rate: float, seconds: float) -> dict[str, float]:
+        """Publish at `rate`/s for `seconds` regardless of completions; latency percentiles."""
+        n = max(1, int(rate * seconds))
+        self._reset(n, keep_hops=self.dep.project)
+        start = time.monotonic()
+        tasks = []
+        for i in range(n):
+            delay = start + i / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(self.publish(i)))
+        await asyncio.gather(*tasks)
+        assert self.waiter is not None
+        await asyncio.wait_for(self.waiter, timeout=120)
+        lat = self.latencies
+        return {
+            "rate": round(rate, 1),
+            "p50": round(percentile(lat, 50), 2),
+            "p90": round(percentile(lat, 90), 2),
+            "p99": round(percentile(lat, 99), 2),
+            "max": round(max(lat), 2),
+        }
+
+    def stage_times(self) -> dict[str, dict[str, float]]:
+        waits: dict[str, list[float]] = {}
+        handles: dict[str, list[float]] = {}
+        for hops in self.hops:
+            prev = None
+            for hop in hops:
+                if prev is not None:
+                    waits.setdefault(hop["stage"], []).append((hop["received"] - prev) * 1000)
+                handles.setdefault(hop["stage"], []).append((hop["done"] - hop["received"]) * 1000)
+                prev = hop["done"]
+        return {
+            stage: {
+                "queue_p50": round(percentile(waits.get(stage, []), 50), 3),
+                "handle_p50": round(percentile(handles[stage], 50), 3),
+                "handle_p99": round(percentile(handles[stage], 99), 3),
+            }
+            for stage in handles
+        }
+
+    async def close(self) -> None:
+        await self.nc.close()
+
+
+async def measure(config: Config, n: int, rates: list[float], seconds: float,
+                  workdir: Path) -> Measurement:  # fmt: skip
+    dep = Deployment(config, capacity=n + 1000, workdir=workdir)
+    await dep.start()
+    driver = Driver(dep)
+    try:
+        await driver.connect()
+        await driver.max_throughput(min(n, 500))  # warm-up: imports, caches, JIT-free paths
+        cpu0, srv0 = dep.cpu_seconds(), dep.server_cpu_seconds()
+        elapsed, _ = await driver.max_throughput(n)
+        cpu = dep.cpu_seconds() - cpu0
+        srv = dep.server_cpu_seconds() - srv0
+        m = Measurement(
+            config=config.name,
+            requests=n,
+            seconds=round(elapsed, 3),
+            throughput=round(n / elapsed, 1),
+            cpu_ms_per_request=round(cpu / n * 1000, 3),
+            server_cpu_ms_per_request=round(srv / n * 1000, 3),
+            peak_rss_mb={},
+        )
+        for rate in rates:
+            m.latency[f"{rate:.0f}/s"] = await driver.open_loop(rate, seconds)
+            if dep.project and not m.stage_ms:
+                m.stage_ms = driver.stage_times()
+        m.peak_rss_mb = dep.peak_rss()
+        return m
+    finally:
+        with contextlib.suppress(Exception):
+            await driver.close()
+        dep.stop()
+
+
+def _faststream_available() -> bool:
+    try:
+        import faststream  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _table(results: list[Measurement]) -> str:
+    lines = [f"{'configuration':<26} {'req/s':>8} {'cpu ms/req':>10} {'srv ms/req':>10} "
+             f"{'max RSS MB':>10}  latency p50/p99 ms at rates"]  # fmt: skip
+    for m in results:
+        lat = "  ".join(f"{k}: {v['p50']:.1f}/{v['p99']:.1f}" for k, v in m.latency.items())
+        rss = max(m.peak_rss_mb.values()) if m.peak_rss_mb else 0
+        lines.append(f"{m.config:<26} {m.throughput:>8.0f} {m.cpu_ms_per_request:>10.3f} "
+                     f"{m.server_cpu_ms_per_request:>10.3f} {rss:>10.1f}  {lat}")  # fmt: skip
+    return "\n".join(lines)
+
+
+async def run(args: argparse.Namespace) -> dict[str, object]:
+    quick = args.quick
+    n = args.requests or (1500 if quick else 20000)
+    seconds = args.seconds or (1.5 if quick else 8.0)
+    rounds = 1 if quick else args.rounds
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    project, raw = (
+        Config("project (5 processes)", "project"),
+        Config("raw nats-py (5 processes)", "raw"),
+    )
+    results: list[Measurement] = []
+
+    # Find the project's max first, then measure latency at fractions of it for both.
+    probe = await measure(project, n, [], seconds, workdir)
+    fractions = [0.1, 0.25, 0.5] if not quick else [0.1]
+    rates = [probe.throughput * f for f in fractions]
+    print(f"project max ~{probe.throughput:.0f} req/s; latency rates {[round(r) for r in rates]}",
+          file=sys.stderr)  # fmt: skip
+    for r in range(rounds):
+        for config in (raw, project) if r % 2 == 0 else (project, raw):
+            m = await measure(config, n, rates, seconds, workdir)
+            print(_table([m]).splitlines()[1], file=sys.stderr)
+            results.append(m)
+    extra = [Config("project (orchestrator up)", "project-up"),
+             Config("project (2 per stage)", "project", instances=2)]  # fmt: skip
+    if _faststream_available() and not args.no_faststream:
+        extra.append(Config("FastStream (5 processes)", "faststream"))
+    for config in extra:
+        results.append(await measure(config, n, rates if not quick else [], seconds, workdir))
+
+    def best(name: str) -> Measurement:
+        return max((m for m in results if m.config == name), key=lambda m: m.throughput)
+
+    p, b = best(project.name), best(raw.name)
+    ratios = {"throughput_vs_raw": round(p.throughput / b.throughput, 3)}
+    fast = [m for m in results if m.config.startswith("FastStream")]
+    if fast:
+        ratios["throughput_vs_faststream"] = round(p.throughput / fast[0].throughput, 3)
+    for key in p.latency:
+        if key in b.latency:
+            ratios[f"p99_vs_raw_at_{key}"] = round(p.latency[key]["p99"] / b.latency[key]["p99"], 3)
+    return {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "loop": _loop_name(),
+        },
+        "requests": n,
+        "quick": quick,
+        "results": [asdict(m) for m in results],
+        "ratios": ratios,
+        "faststream": "installed" if _faststream_available() else "not installed",
+        "table": _table(results),
+    }
+
+
+def _loop_name() -> str:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="~20 s smoke run")
+    parser.add_argument("--requests", type=int, help="requests per throughput run")
+    parser.add_argument("--seconds", type=float, help="seconds per open-loop latency run")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds (full run)")
+    parser.add_argument("--json", type=Path, help="write the results here as JSON")
+    parser.add_argument("--workdir", default="/tmp/orch-bench", help="nats-server stores")
+    parser.add_argument(
+        "--no-faststream", action="store_true", help="skip FastStream even if installed"
+    )
+    args = parser.parse_args()
+    report = asyncio.run(run(args))
+    print(report["table"])
+    print("ratios:", json.dumps(report["ratios"]))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""The benchmark's smoke run completes and reports sane numbers (never a time)."""
+
+import json
+import subprocess
+import sys
+
+from tests.support import ROOT
+
+
+def test_quick_bench_reports_every_measure(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--no-faststream", "--json", str(out),
+         "--workdir", str(tmp_path / "stores")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    names = [m["config"] for m in report["results"]]
+    assert names[:2] in (
+        ["raw nats-py (5 processes)", "project (5 processes)"],
+        ["project (5 processes)", "raw nats-py (5 processes)"],
+    )
+    assert "project (orchestrator up)" in names
+    assert "project (2 per stage)" in names
+    for m in report["results"]:
+        assert m["throughput"] > 0
+        assert m["cpu_ms_per_request"] > 0
+        assert m["peak_rss_mb"] and all(mb > 0 for mb in m["peak_rss_mb"].values())
+        for lat in m["latency"].values():
+            assert 0 <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    project = next(m for m in report["results"] if m["config"] == "project (5 processes)")
+    assert set(project["stage_ms"]) == {"rag", "assemble", "inference", "post", "stream"}
+    assert report["ratios"]["throughput_vs_raw"] > 0
+    assert "throughput_vs_raw" in done.stdout
