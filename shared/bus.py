@@ -19,7 +19,14 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import api
 
-from shared.errors import BusError, NotConnected, Overloaded, PublishTimeout, TopologyError
+from shared.errors import (
+    BusError,
+    NotConnected,
+    Overloaded,
+    PublishTimeout,
+    SubjectTaken,
+    TopologyError,
+)
 from shared.topology import ConsumerSpec, StreamSpec
 
 log = logging.getLogger(__name__)
@@ -27,6 +34,7 @@ log = logging.getLogger(__name__)
 MSG_ID = "Nats-Msg-Id"
 _STORE_FAILED = 10077  # JetStream "store failed": the stream is full under discard=new
 _NO_SUCH_MESSAGE = 10057
+_FILTER_NOT_UNIQUE = 10100  # another consumer of a work-queue stream already has the subject
 
 
 class Delivery:
@@ -87,6 +95,16 @@ class ConsumerState:
     ack_pending: int
     redelivered: int
     waiting: int
+
+
+@dataclass(frozen=True)
+class ConsumerView:
+    """A consumer as listed by the server."""
+
+    name: str
+    subjects: tuple[str, ...]
+    created: float
+    state: ConsumerState
 
 
 class Bus:
@@ -186,12 +204,59 @@ class Bus:
         try:
             return await call
         except nats.js.errors.APIError as exc:
+            if exc.err_code == _FILTER_NOT_UNIQUE:
+                raise SubjectTaken(f"cannot {what}: {exc.description}") from None
             raise TopologyError(
                 f"cannot {what}: {exc.description} (server error {exc.err_code}); "
                 "fix the configuration or remove the old stream/consumer"
             ) from None
         except nats.errors.Error as exc:
             raise BusError(f"cannot {what}: {exc}") from None
+
+    async def delete_consumer(self, stream: str, name: str) -> bool:
+        """Delete a consumer; False if it was already gone. Its un-acked messages are freed."""
+        try:
+            return await self._jsm.delete_consumer(stream, name)
+        except nats.js.errors.NotFoundError:
+            return False
+        except nats.js.errors.APIError as exc:
+            raise BusError(
+                f"cannot delete consumer {name} on {stream}: {exc.description}"
+            ) from None
+
+    async def consumers(self, stream: str) -> list[ConsumerView]:
+        """Every consumer of `stream`, with its subjects and counters."""
+        out = []
+        for info in await self._jsm.consumers_info(stream):
+            cfg = info.config
+            subjects = tuple(
+                cfg.filter_subjects or ([cfg.filter_subject] if cfg.filter_subject else [])
+            )
+            out.append(
+                ConsumerView(
+                    name=info.name,
+                    subjects=subjects,
+                    created=info.created.timestamp() if info.created else 0.0,
+                    state=ConsumerState(
+                        pending=info.num_pending or 0,
+                        ack_pending=info.num_ack_pending or 0,
+                        redelivered=info.num_redelivered or 0,
+                        waiting=info.num_waiting or 0,
+                    ),
+                )
+            )
+        return out
+
+    async def key_value(self, bucket: str, ttl: float, storage: str) -> "KeyValueStore":
+        """Create (or bind to) a key-value bucket whose entries expire `ttl` s after a put."""
+        config = api.KeyValueConfig(
+            bucket=bucket, history=1, ttl=ttl, storage=api.StorageType(storage)
+        )
+        try:
+            kv = await self._js.create_key_value(config=config)
+        except nats.js.errors.APIError:
+            kv = await self._js.key_value(bucket)  # exists with other limits: use it as it is
+        return KeyValueStore(kv, bucket)
 
     # -- publishing ------------------------------------------------------------------------
 
@@ -229,16 +294,6 @@ class Bus:
         """Bind to the durable pull consumer of `spec`."""
         psub = await self._js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
         return Puller(psub)
-
-    async def consumer_state(self, stream: str, durable: str) -> ConsumerState:
-        """The server's counters for one consumer."""
-        info = await self._jsm.consumer_info(stream, durable)
-        return ConsumerState(
-            pending=info.num_pending or 0,
-            ack_pending=info.num_ack_pending or 0,
-            redelivered=info.num_redelivered or 0,
-            waiting=info.num_waiting or 0,
-        )
 
     async def stream_state(self, stream: str) -> StreamState:
         """How many messages `stream` holds, and the sequence of the last one ever stored."""
@@ -292,21 +347,11 @@ class Bus:
             return 0
         return int(orjson.loads(stored.data)["val"])
 
-    async def next_on(self, subject: str, timeout: float) -> bytes | None:
-        """Wait for one message on `subject` (core NATS) and return its payload, or None."""
-        sub = await self._nc.subscribe(subject, max_msgs=1)
-        try:
-            msg = await sub.next_msg(timeout=timeout)
-            return msg.data
-        except (TimeoutError, nats.errors.TimeoutError):
-            return None
-        finally:
-            if not self._nc.is_closed:
-                await sub.unsubscribe()
-
     async def subscribe_core(self, subject: str) -> "CoreSubscription":
         """Subscribe to `subject` with core NATS (no persistence; see `watch` for streams)."""
-        return CoreSubscription(await self._nc.subscribe(subject))
+        sub = CoreSubscription()
+        sub._sub = await self._nc.subscribe(subject, cb=sub._on_message)
+        return sub
 
     async def watch(self, subject: str) -> AsyncIterator[StoredMessage]:
         """Yield every stored message on `subject`, from the start, then new ones as they come."""
@@ -320,17 +365,75 @@ class Bus:
                 await sub.unsubscribe()
 
 
-class CoreSubscription:
-    """A core NATS subscription that hands out payloads."""
+class KeyValueStore:
+    """A JetStream key-value bucket."""
 
-    def __init__(self, sub: Any) -> None:
-        self._sub = sub
+    def __init__(self, kv: Any, bucket: str) -> None:
+        self._kv = kv
+        self.bucket = bucket
+
+    def subject(self, key: str) -> str:
+        """The subject a put or delete of `key` is published on (wildcards allowed)."""
+        return f"$KV.{self.bucket}.{key}"
+
+    async def put(self, key: str, value: bytes) -> None:
+        """Store `value` under `key`."""
+        try:
+            await self._kv.put(key, value)
+        except nats.errors.Error as exc:
+            raise BusError(f"put {self.bucket}/{key}: {exc}") from None
+
+    async def delete(self, key: str) -> None:
+        """Delete `key` (watchers see a delete marker)."""
+        try:
+            await self._kv.delete(key)
+        except nats.errors.Error as exc:
+            raise BusError(f"delete {self.bucket}/{key}: {exc}") from None
+
+    async def items(self, prefix: str) -> dict[str, bytes]:
+        """Every live key starting with `prefix`, with its value."""
+        try:
+            keys = await self._kv.keys()
+        except nats.js.errors.NoKeysError:
+            return {}
+        out = {}
+        for key in (k for k in keys if k.startswith(prefix)):
+            try:
+                entry = await self._kv.get(key)
+            except nats.js.errors.KeyNotFoundError:
+                continue
+            if entry.value is not None:
+                out[key] = entry.value
+        return out
+
+
+class CoreSubscription:
+    """A core NATS subscription feeding a local queue.
+
+    nats-py's `next_msg` can leave an inner task waiting forever when it is cancelled, so
+    messages are handed over by callback and waited for with plain asyncio.
+    """
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[StoredMessage] = asyncio.Queue()
+        self._sub: Any = None
+
+    async def _on_message(self, msg: Msg) -> None:
+        self._queue.put_nowait(StoredMessage(0, msg.subject, msg.data, msg.headers or {}))
 
     async def next(self, timeout: float) -> bytes | None:
         """The next payload, or None after `timeout` seconds."""
+        msg = await self.next_message(timeout)
+        return None if msg is None else msg.data
+
+    async def next_message(self, timeout: float) -> StoredMessage | None:
+        """The next message (subject, payload, headers), or None after `timeout` seconds."""
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+        # that races with the message arriving.
         try:
-            return (await self._sub.next_msg(timeout=timeout)).data
-        except (TimeoutError, nats.errors.TimeoutError):
+            async with asyncio.timeout(max(timeout, 0.001)):
+                return await self._queue.get()
+        except TimeoutError:
             return None
 
     async def close(self) -> None:
@@ -367,7 +470,7 @@ _STREAM_FIELDS = (
     "subjects", "retention", "discard", "max_msgs", "max_bytes", "max_age", "max_msg_size",
     "max_msgs_per_subject", "storage", "num_replicas", "duplicate_window", "allow_msg_counter",
 )  # fmt: skip
-_CONSUMER_FIELDS = ("filter_subject", "max_ack_pending", "ack_wait", "max_deliver", "ack_policy")
+_CONSUMER_FIELDS = ("filter_subjects", "max_ack_pending", "ack_wait", "max_deliver", "ack_policy")
 
 
 def _stream_config(spec: StreamSpec) -> api.StreamConfig:
@@ -391,7 +494,8 @@ def _stream_config(spec: StreamSpec) -> api.StreamConfig:
 def _consumer_config(spec: ConsumerSpec) -> api.ConsumerConfig:
     return api.ConsumerConfig(
         durable_name=spec.durable,
-        filter_subject=spec.filter_subject,
+        filter_subjects=list(spec.filter_subjects),
+        inactive_threshold=spec.inactive_threshold,
         ack_policy=api.AckPolicy.EXPLICIT,
         deliver_policy=api.DeliverPolicy.ALL,
         max_ack_pending=spec.max_ack_pending,
@@ -406,7 +510,7 @@ _SAME = {("num_replicas", None, 1), ("num_replicas", 0, 1), ("allow_msg_counter"
 
 def _norm(value: Any) -> Any:
     if isinstance(value, list):
-        return sorted(value)
+        return tuple(sorted(value))
     if isinstance(value, float):
         return round(value, 6)
     if hasattr(value, "value"):  # enums compare by their wire value

@@ -50,7 +50,14 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the whole pipeline once with sample requests")
     demo.add_argument("--requests", type=int, default=10, help="how many requests (default 10)")
 
-    sub.add_parser("up", help="run all five stages in this process until Ctrl-C/SIGTERM")
+    up = sub.add_parser(
+        "up",
+        help="run all five stages until Ctrl-C/SIGTERM",
+        description="Run the whole pipeline. By default all five stages run in this process; "
+        "with --instances N (or `instances` per stage in the pipeline file) every stage "
+        "instance is its own process, so one machine can use all its cores.",
+    )
+    up.add_argument("--instances", type=int, help="processes per stage (default: from config)")
 
     run = sub.add_parser("run", help="run one stage until Ctrl-C/SIGTERM")
     run.add_argument("stage", choices=_stage_names(), help="the stage to run")
@@ -124,15 +131,23 @@ async def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     from services.registry import PIPELINE
+    from shared.supervisor import plan, supervise
+
+    stages = plan(settings, list(PIPELINE), args.instances)
+    separate = args.instances is not None or len(stages) > len(PIPELINE)
+
+    async def run(url: str) -> int:
+        if separate:
+            return await supervise(stages, url, args.config)
+        await serve(settings, list(PIPELINE), url)
+        return 0
 
     if settings.nats_url:
-        await serve(settings, list(PIPELINE), settings.nats_url)
-        return 0
+        return await run(settings.nats_url)
     store = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "prompt-orchestrator"
     with EmbeddedNats(store_dir=store) as server:
         print(f"embedded nats-server on {server.url}, store {store}", file=sys.stderr)
-        await serve(settings, list(PIPELINE), server.url)
-    return 0
+        return await run(server.url)
 
 
 async def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
@@ -143,12 +158,11 @@ async def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _cmd_declare(args: argparse.Namespace, settings: Settings) -> int:
-    from services.registry import PIPELINE
     from shared.bus import Bus
 
     bus = await Bus.connect(_url(settings), name="orchestrator-declare", wait=5.0)
     try:
-        for line in await declare(bus, settings, PIPELINE):
+        for line in await declare(bus, settings):
             print(line)
     finally:
         await bus.close()

@@ -30,7 +30,7 @@ async def run_demo(settings: Settings, url: str, requests: int, out: TextIO) -> 
     client = await Client.connect(settings, url)
     group: StageGroup | None = None
     try:
-        await declare(bus, settings, PIPELINE)
+        await declare(bus, settings)
         group = StageGroup(settings, bus, PIPELINE)
         group.start()
         asks = [QUESTIONS[i % len(QUESTIONS)] for i in range(requests)]

@@ -21,6 +21,10 @@ class TopologyError(BusError):
     """A stream or consumer exists with a configuration that cannot be brought in line."""
 
 
+class SubjectTaken(TopologyError):
+    """Another consumer of a work-queue stream still holds a subject (a partition) we want."""
+
+
 class Overloaded(BusError):
     """The target stream is full (`discard=new` rejected the publish): back off and retry."""
 

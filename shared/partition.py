@@ -5,6 +5,8 @@ count: the same hash nats-server uses for its `partition(n, ...)` subject mappin
 client in any language can compute it. Test vectors live in docs/PROTOCOL.md.
 """
 
+from functools import lru_cache
+
 _FNV_OFFSET = 0x811C9DC5
 _FNV_PRIME = 0x01000193
 
@@ -17,6 +19,7 @@ def fnv1a32(data: bytes) -> int:
     return h
 
 
+@lru_cache(maxsize=65536)  # a hot session is hashed once, not at every hop
 def partition_of(session_id: str, partitions: int) -> int:
     """Return the partition (0..partitions-1) that carries `session_id`'s requests."""
     if partitions < 1:

@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -27,21 +28,24 @@ HEALTH_STALE = 15.0
 
 
 def instance_id(stage: str) -> str:
-    """A name for one running instance of `stage`, unique across hosts and restarts."""
-    return f"{stage}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+    """A name for one running instance of `stage`, unique across hosts and restarts.
+
+    It names a consumer and a key, so only letters, digits, `-` and `_` are kept.
+    """
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:40]
+    return f"{stage}-{host}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
 
 
-async def declare(bus: Bus, settings: Settings, stages: Iterable[StageSpec]) -> list[str]:
-    """Create or update every stream and the consumers of `stages`; return what was done."""
+async def declare(bus: Bus, settings: Settings) -> list[str]:
+    """Create or update every stream; return what was done.
+
+    Consumers are not declared here: each stage instance creates its own, for the partitions
+    it owns (shared.affinity).
+    """
     topology = Topology(settings)
-    report = []
-    for stream in topology.streams():
-        report.append(f"stream {stream.name}: {await bus.ensure_stream(stream)}")
-    for spec in stages:
-        consumer = topology.consumer(spec)
-        outcome = await bus.ensure_consumer(consumer)
-        report.append(f"consumer {consumer.stream}/{consumer.durable}: {outcome}")
-    return report
+    return [
+        f"stream {stream.name}: {await bus.ensure_stream(stream)}" for stream in topology.streams()
+    ]
 
 
 class StageGroup:
@@ -110,7 +114,7 @@ async def serve(settings: Settings, specs: list[StageSpec], url: str) -> None:
         return
     bus = connecting.result()
     try:
-        for line in await declare(bus, settings, specs):
+        for line in await declare(bus, settings):
             log.info(line)
         group = StageGroup(settings, bus, specs)
         group.start()

@@ -7,13 +7,16 @@ entry) is safely stored, so a crash at any point means redelivery, never loss; t
 """
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
 from shared import deadletter
+from shared.affinity import Affinity
 from shared.bus import Bus, Delivery
 from shared.envelope import Envelope, Hop, decode, encode
 from shared.errors import BusError
@@ -26,6 +29,8 @@ log = logging.getLogger(__name__)
 
 FETCH_WAIT = 1.0
 """Longest a fetch waits for messages; also bounds how long a stop takes to be noticed."""
+REFILL_WAIT = 0.005
+"""How long free slots wait for more to free up before a smaller fetch fills them."""
 
 
 @dataclass
@@ -49,11 +54,13 @@ class StageRuntime:
         self._bus = bus
         self._handler = handler
         self._topology = Topology(settings)
-        self._consumer = self._topology.consumer(spec)
+        self._settings = settings
+        self._stream = self._topology.stream_name(spec.input)
         self._cfg = getattr(settings.stages, spec.name)
         self._max_bytes = settings.max_message_bytes
         self._stopping = asyncio.Event()
         self._inflight: dict[Delivery, float] = {}
+        self.affinity: Affinity | None = None
         self.last_loop = time.monotonic()
         """When the fetch loop last went round: a loop that stops turning is unhealthy."""
 
@@ -63,16 +70,65 @@ class StageRuntime:
 
     async def run(self) -> None:
         """Fetch and process until `stop` is called, then drain what was fetched."""
-        puller = await self._bus.pull(self._consumer)
         tasks: set[asyncio.Task[None]] = set()
+        pause_requested = asyncio.Event()
+        parked = asyncio.Event()
+        resumed = asyncio.Event()
+
+        async def quiesce() -> Callable[[], None]:
+            # Called by the affinity task to change partitions: returns once the loop is
+            # parked with nothing in flight, and hands back the function that resumes it.
+            resumed.clear()
+            pause_requested.set()
+            await parked.wait()
+
+            def resume() -> None:
+                pause_requested.clear()
+                parked.clear()
+                resumed.set()
+
+            return resume
+
+        affinity = Affinity(self._bus, self._settings, self.spec, self.instance, quiesce)
+        await affinity.start()
+        self.affinity = affinity
         heartbeat = asyncio.create_task(self._keep_alive())
         limit, batch = self._cfg.concurrency, self._cfg.batch
+        # Refill in sizeable fetches: topping up one slot at a time costs a round trip per
+        # message. A free slot still gets work within REFILL_WAIT when handlers are slow.
+        refill = max(1, min(batch, limit) // 2)
+        room = asyncio.Event()
+
+        def finished(task: asyncio.Task[None]) -> None:
+            tasks.discard(task)
+            if limit - len(tasks) >= refill:
+                room.set()
+
         try:
             while not self._stopping.is_set():
                 self.last_loop = time.monotonic()
+                if pause_requested.is_set():
+                    if tasks:
+                        await asyncio.wait(tasks)
+                    parked.set()
+                    await resumed.wait()
+                    continue
                 free = limit - len(tasks)
-                if free <= 0:
-                    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                if free < refill:
+                    room.clear()
+                    if free == 0:
+                        await room.wait()
+                    else:
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(REFILL_WAIT):
+                                await room.wait()
+                    free = limit - len(tasks)
+                puller = affinity.puller
+                if puller is None or not affinity.owned:  # more instances than partitions
+                    affinity.changed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(FETCH_WAIT):
+                            await affinity.changed.wait()
                     continue
                 try:
                     deliveries = await puller.fetch(min(free, batch), FETCH_WAIT)
@@ -83,14 +139,14 @@ class StageRuntime:
                 for delivery in deliveries:
                     task = asyncio.create_task(self._process(delivery))
                     tasks.add(task)
-                    task.add_done_callback(tasks.discard)
+                    task.add_done_callback(finished)
         finally:
             # A fetch is never abandoned half-way (its messages would sit un-acked until
             # ack_wait); everything fetched is processed before the subscription closes.
             if tasks:
                 await asyncio.wait(tasks)
             heartbeat.cancel()
-            await puller.close()
+            await affinity.leave()
 
     async def _process(self, delivery: Delivery) -> None:
         received = time.time()
@@ -156,7 +212,7 @@ class StageRuntime:
             original=delivery.headers,
         )
         # Keyed by the input's stream sequence, so a redelivered copy is stored only once.
-        msg_id = f"dlq:{self._consumer.stream}:{delivery.stream_seq}"
+        msg_id = f"dlq:{self._stream}:{delivery.stream_seq}"
         subject = self._topology.dlq_subject(self.spec.name, action.reason)
         wait = 0.5
         while True:

@@ -48,10 +48,12 @@ class StageSettings(_Section):
 
     max_ack_pending: int = Field(default=512, ge=1)
     batch: int = Field(default=64, ge=1, le=1024)
-    concurrency: int = Field(default=64, ge=1)
+    concurrency: int = Field(default=128, ge=1)
     ack_wait: float = Field(default=30.0, gt=0)
     max_deliver: int = Field(default=5, ge=1)
     backoff: list[float] = Field(default_factory=lambda: [1.0, 5.0, 30.0])
+    instances: int = Field(default=1, ge=1, le=64)
+    """How many processes of this stage `orchestrator up` starts."""
 
     @field_validator("backoff")
     @classmethod
@@ -77,6 +79,21 @@ class ResultsSettings(_Section):
     max_age: float = Field(default=3600.0, gt=0)
     max_msgs: int = Field(default=1_000_000, ge=1)
     max_bytes: int = Field(default=1024 * 1024 * 1024, ge=1024)
+
+
+class AffinitySettings(_Section):
+    """Membership of stage instances, which divide a stage's partitions among themselves."""
+
+    heartbeat: float = Field(default=1.0, gt=0)
+    failover_after: float = Field(default=3.0, gt=0)
+
+    @field_validator("failover_after")
+    @classmethod
+    def _longer_than_heartbeat(cls, value: float, info: Any) -> float:
+        beat = info.data.get("heartbeat", 1.0)
+        if value <= beat:
+            raise ValueError(f"failover_after ({value}) must exceed heartbeat ({beat})")
+        return value
 
 
 class DeadLetterSettings(_Section):
@@ -155,6 +172,7 @@ class Settings(BaseSettings):
     stages: Stages = Stages()
     results: ResultsSettings = ResultsSettings()
     dead_letter: DeadLetterSettings = DeadLetterSettings()
+    affinity: AffinitySettings = AffinitySettings()
     rag: RagSettings = RagSettings()
     assemble: AssembleSettings = AssembleSettings()
     worker: WorkerSettings = WorkerSettings()

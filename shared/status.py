@@ -3,6 +3,8 @@
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import orjson
+
 from shared.accounting import Accounts, Snapshot, account
 from shared.bus import Bus
 from shared.settings import Settings
@@ -12,7 +14,7 @@ from shared.topology import COUNTERS, DLQ, Topology
 
 @dataclass(frozen=True)
 class StageStatus:
-    """One stage's input and consumer as the server sees them."""
+    """One stage's input, its consumers and its instances, as the server sees them."""
 
     stage: str
     queued: int
@@ -20,6 +22,8 @@ class StageStatus:
     redelivered: int
     waiting_pulls: int
     dead_lettered: dict[str, int] = field(default_factory=dict)
+    instances: dict[str, list[int]] = field(default_factory=dict)
+    """Announced instances and the partitions each says it owns."""
 
 
 @dataclass(frozen=True)
@@ -58,23 +62,52 @@ async def read_status(bus: Bus, settings: Settings, stages: list[StageSpec]) -> 
         replayed=replayed,
         purged=await bus.counter(counters, topology.counter_subject("purged")),
     )
+    members = await members_by_stage(bus, settings)
     rows = []
     for spec in stages:
-        consumer = topology.consumer(spec)
-        state = await bus.consumer_state(consumer.stream, consumer.durable)
+        views = await bus.consumers(topology.stream_name(spec.input))
         prefix = topology.dlq_subject(spec.name, "")
         reasons = {s[len(prefix) :]: n for s, n in per_subject.items() if s.startswith(prefix)}
         rows.append(
             StageStatus(
                 stage=spec.name,
                 queued=channel_state[spec.input].messages,
-                ack_pending=state.ack_pending,
-                redelivered=state.redelivered,
-                waiting_pulls=state.waiting,
+                ack_pending=sum(v.state.ack_pending for v in views),
+                redelivered=sum(v.state.redelivered for v in views),
+                waiting_pulls=sum(v.state.waiting for v in views),
                 dead_lettered=reasons,
+                instances=members.get(spec.name, {}),
             )
         )
     return Status(account(snapshot), rows)
+
+
+async def members_by_stage(bus: Bus, settings: Settings) -> dict[str, dict[str, list[int]]]:
+    """stage -> instance -> owned partitions, from the instances' announcements."""
+    topology = Topology(settings)
+    kv = await bus.key_value(
+        topology.members_bucket(), ttl=settings.affinity.failover_after, storage=settings.storage
+    )
+    out: dict[str, dict[str, list[int]]] = {}
+    for value in (await kv.items("")).values():
+        data = orjson.loads(value)
+        out.setdefault(data["stage"], {})[data["instance"]] = data["owned"]
+    return out
+
+
+async def coverage(bus: Bus, settings: Settings) -> dict[str, bool]:
+    """Per stage: is every partition held by a consumer with a pull waiting?"""
+    from services.registry import PIPELINE
+
+    topology = Topology(settings)
+    out = {}
+    for spec in PIPELINE:
+        held: set[int] = set()
+        for view in await bus.consumers(topology.stream_name(spec.input)):
+            if view.state.waiting:
+                held |= {topology.partition_of_subject(s) for s in view.subjects} - {None}
+        out[spec.name] = held == set(range(settings.partitions))
+    return out
 
 
 def format_status(status: Status) -> str:
@@ -96,4 +129,10 @@ def format_status(status: Status) -> str:
             f"{s.stage:<10} {s.queued:>7} {s.ack_pending:>11} {s.redelivered:>11} "
             f"{s.waiting_pulls:>5}  {dead}"
         )
+    lines += ["", "instances and the partitions they own:"]
+    for s in status.stages:
+        for instance, owned in sorted(s.instances.items()):
+            lines.append(f"  {s.stage:<10} {instance:<40} {owned}")
+        if not s.instances:
+            lines.append(f"  {s.stage:<10} (no instance running)")
     return "\n".join(lines)

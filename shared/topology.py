@@ -6,6 +6,7 @@ Channel `c` (the input of one stage) is stream `<STREAM_PREFIX>_<C>` holding sub
 `<prefix>.dlq.<stage>.<reason>`; operator counters in `<STREAM_PREFIX>_COUNTERS`.
 """
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -39,14 +40,16 @@ class StreamSpec:
 
 @dataclass(frozen=True)
 class ConsumerSpec:
-    """A durable pull consumer on a stage's input stream."""
+    """A durable pull consumer of one stage instance, on the partitions it owns."""
 
     stream: str
     durable: str
-    filter_subject: str
+    filter_subjects: tuple[str, ...]
     max_ack_pending: int
     ack_wait: float
     max_deliver: int
+    inactive_threshold: float | None = None
+    """Seconds without a pull after which the server removes the consumer."""
 
 
 class Topology:
@@ -173,16 +176,31 @@ class Topology:
         channels = [self.channel_stream(c) for c in self.channel_names()]
         return [*channels, self.results_stream(), self.dlq_stream(), self.counters_stream()]
 
-    def consumer(self, stage: StageSpec) -> ConsumerSpec:
-        """The durable consumer `stage` reads its input through."""
+    def consumer_name(self, stage: str, instance: str) -> str:
+        """The durable consumer of one instance of `stage`."""
+        return f"{stage}_{instance}"
+
+    def consumer(self, stage: StageSpec, instance: str, partitions: Iterable[int]) -> ConsumerSpec:
+        """The consumer through which `instance` of `stage` reads the partitions it owns."""
         cfg = getattr(self.settings.stages, stage.name)
         return ConsumerSpec(
             stream=self.stream_name(stage.input),
-            durable=stage.name,
-            filter_subject=f"{self.prefix}.{stage.input}.*",
+            durable=self.consumer_name(stage.name, instance),
+            filter_subjects=tuple(self.channel_subject(stage.input, p) for p in sorted(partitions)),
             max_ack_pending=cfg.max_ack_pending,
             ack_wait=cfg.ack_wait,
             # One delivery more than the handler gets: a message whose handling crashed the
             # stage on every attempt comes back once more, to be dead-lettered unhandled.
             max_deliver=cfg.max_deliver + 1,
+            # A safety net: the consumer of an instance that vanished unnoticed goes away.
+            inactive_threshold=max(60.0, 10 * self.settings.affinity.failover_after),
         )
+
+    def partition_of_subject(self, subject: str) -> int | None:
+        """The partition a channel subject carries, or None if it is not one."""
+        tail = subject.rsplit(".", 1)[-1]
+        return int(tail) if tail.isdigit() else None
+
+    def members_bucket(self) -> str:
+        """The key-value bucket where stage instances announce themselves."""
+        return f"{self.settings.stream_prefix}_MEMBERS"

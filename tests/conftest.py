@@ -73,15 +73,21 @@ def nats_server(tmp_path: Path) -> Iterator[NatsHandle]:
 
 
 @pytest.fixture
-def mesh(nats_server, tmp_path):
+def mesh(nats_server, tmp_path, request):
     """Start the five stages as separate processes: `env, procs = mesh(**ORCH_overrides)`.
+
+    Parametrized indirectly with a number, every channel gets that capacity.
 
     At the end every process gets SIGTERM and must drain and exit 0.
     """
     procs: list[StageProcess] = []
+    sizes = getattr(request, "param", None)
 
     def start(**overrides: str):
         env = stage_env(nats_server.url, **overrides)
+        if sizes is not None:
+            for channel in ("INTAKE", "ASSEMBLE", "INFERENCE", "POST", "STREAM"):
+                env.setdefault(f"ORCH_CHANNELS__{channel}__CAPACITY", str(sizes))
         procs.extend(StageProcess(spec.name, env, tmp_path) for spec in PIPELINE)
         return env, {p.stage: p for p in procs}
 

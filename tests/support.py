@@ -43,9 +43,12 @@ def settings_for(env: dict[str, str]) -> Settings:
 class StageProcess:
     """One stage as its own OS process: `python -m services.<stage>`."""
 
-    def __init__(self, stage: str, env: dict[str, str], log_dir: Path) -> None:
+    def __init__(
+        self, stage: str, env: dict[str, str], log_dir: Path, name: str | None = None
+    ) -> None:
         assert stage in STAGES
         self.stage = stage
+        self.name = name or stage
         self.env = env
         self.log_dir = log_dir
         self.starts = 0
@@ -56,7 +59,7 @@ class StageProcess:
         """Start (or restart) the process."""
         self.starts += 1
         self.signalled: int | None = None
-        log = open(self.log_dir / f"{self.stage}-{self.starts}.log", "wb")  # noqa: SIM115
+        log = open(self.log_dir / f"{self.name}-{self.starts}.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", f"services.{self.stage}"],
             cwd=ROOT,
@@ -85,7 +88,7 @@ class StageProcess:
     def log(self) -> str:
         """Everything every run of the process wrote."""
         return "\n".join(
-            p.read_text(errors="replace") for p in sorted(self.log_dir.glob(f"{self.stage}-*.log"))
+            p.read_text(errors="replace") for p in sorted(self.log_dir.glob(f"{self.name}-*.log"))
         )
 
     def stop(self) -> int:
@@ -120,22 +123,17 @@ async def collect(client: Client, wanted: set[str], timeout: float) -> dict[str,
 
 
 async def wait_until_consuming(url: str, settings: Settings, timeout: float = 30.0) -> None:
-    """Declare the topology, then wait until every stage has a pull request waiting."""
-    from services.registry import PIPELINE
+    """Declare the streams, then wait until every partition of every stage has an owner
+    with a pull request waiting."""
     from shared.bus import Bus
     from shared.runner import declare
-    from shared.topology import Topology
+    from shared.status import coverage
 
-    topology = Topology(settings)
     async with await Bus.connect(url, name="test-ready") as bus:
-        await declare(bus, settings, PIPELINE)
+        await declare(bus, settings)
         async with asyncio.timeout(timeout):
-            for spec in PIPELINE:
-                consumer = topology.consumer(spec)
-                state = await bus.consumer_state(consumer.stream, consumer.durable)
-                while state.waiting < 1:
-                    await asyncio.sleep(0.05)
-                    state = await bus.consumer_state(consumer.stream, consumer.durable)
+            while not all((await coverage(bus, settings)).values()):
+                await asyncio.sleep(0.05)
 
 
 def orchestrator_command() -> list[str]:

@@ -214,9 +214,8 @@ async def wait_settled(bus, settings, n_invalid) -> None:
             if sum(counts.values()) >= n_invalid:
                 busy = 0
                 for spec in PIPELINE:
-                    consumer = topology.consumer(spec)
-                    state = await bus.consumer_state(consumer.stream, consumer.durable)
-                    busy += state.pending + state.ack_pending
+                    for view in await bus.consumers(topology.stream_name(spec.input)):
+                        busy += view.state.pending + view.state.ack_pending
                 if not busy:
                     return
             await asyncio.sleep(0.1)
@@ -239,7 +238,7 @@ async def run_scenario(url, items):
     raw = await nats.connect(url, name="test-fuzz-raw")
     group = None
     try:
-        await declare(bus, settings, PIPELINE)
+        await declare(bus, settings)
         group = StageGroup(settings, bus, PIPELINE)
         group.start()
         js = raw.jetstream()

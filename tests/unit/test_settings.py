@@ -49,7 +49,7 @@ def test_env_beats_file_and_cli_beats_env(tmp_path, monkeypatch):
     s = load_settings(path)
     assert s.nats_url == "nats://env:2"
     assert s.stages.inference.concurrency == 7
-    assert s.stages.rag.concurrency == 64
+    assert s.stages.rag.concurrency == 128
     monkeypatch.setenv("ORCH_NATS_URL", "nats://orch:3")
     assert load_settings(path).nats_url == "nats://orch:3"
     assert load_settings(path, nats_url="nats://cli:4").nats_url == "nats://cli:4"

@@ -28,16 +28,18 @@ def test_names_subjects_and_limits():
     assert len(t.streams()) == 8
 
 
-def test_consumer_gets_one_delivery_beyond_max_deliver():
+def test_instance_consumer_reads_its_partitions_with_one_extra_delivery():
     s = Settings()
-    c = Topology(s).consumer(STAGES["inference"])
-    assert (c.stream, c.durable, c.filter_subject) == (
-        "ORCH_INFERENCE",
-        "inference",
-        "orch.inference.*",
-    )
+    t = Topology(s)
+    c = t.consumer(STAGES["inference"], "inference-h-1-ab", [5, 1])
+    assert (c.stream, c.durable) == ("ORCH_INFERENCE", "inference_inference-h-1-ab")
+    assert c.filter_subjects == ("orch.inference.1", "orch.inference.5")
     assert c.max_deliver == s.stages.inference.max_deliver + 1
     assert c.max_ack_pending == 512
+    assert c.inactive_threshold and c.inactive_threshold >= 10 * s.affinity.failover_after
+    assert t.partition_of_subject("orch.inference.5") == 5
+    assert t.partition_of_subject("orch.inference.*") is None
+    assert t.members_bucket() == "ORCH_MEMBERS"
 
 
 def test_prefixes_apply_everywhere():

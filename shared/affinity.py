@@ -1,0 +1,243 @@
+"""Session affinity: the live instances of a stage divide its partitions among themselves.
+
+Membership lives in NATS: each instance puts `<stage>.<instance>` (with the partitions it
+holds) into the key-value bucket `<STREAM_PREFIX>_MEMBERS` every `heartbeat` seconds (the
+bucket's TTL removes what stops being refreshed) and follows the others' puts and deletes on
+the bucket's subjects. From that shared state every instance computes the same assignment
+(shared.assignment.rebalance), which moves only the partitions that must move.
+
+Ownership is enforced by the server: an instance reads through its own durable consumer whose
+`filter_subjects` are its partitions, and a work-queue stream refuses two consumers with
+overlapping subjects. Every change waits until the instance has finished what it holds (the
+runtime pauses fetching), so no message is handled by two owners. Partitions are released by
+narrowing the consumer in place; they are acquired by creating the consumer afresh, because a
+consumer that gains a subject would skip that subject's messages behind its cursor, while a
+new one on a work-queue stream is delivered exactly the messages nobody has acked.
+
+An instance taking over from one that fell silent for `failover_after` deletes the silent
+one's consumer, which frees its un-acked messages at once. A stopping instance deletes its
+own consumer and key, so the others take over without waiting.
+"""
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import orjson
+
+from shared.assignment import rebalance
+from shared.bus import Bus, KeyValueStore, Puller
+from shared.errors import BusError, SubjectTaken
+from shared.settings import Settings
+from shared.stage import StageSpec
+from shared.topology import Topology
+
+log = logging.getLogger(__name__)
+
+KV_OPERATION = "KV-Operation"
+
+
+class Affinity:
+    """Membership and partition ownership of one stage instance."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        settings: Settings,
+        spec: StageSpec,
+        instance: str,
+        quiesce: Callable[[], Awaitable[Callable[[], None]]] | None = None,
+    ) -> None:
+        """`quiesce` pauses the stage until nothing is in flight and returns its resume."""
+        self.spec = spec
+        self._quiesce = quiesce
+        self.instance = instance
+        self.owned: tuple[int, ...] = ()
+        self.changed = asyncio.Event()
+        """Set whenever `owned` changes."""
+        self.puller: Puller | None = None
+        self._bus = bus
+        self._settings = settings
+        self._cfg = settings.affinity
+        self._topology = Topology(settings)
+        self._stream = self._topology.stream_name(spec.input)
+        self._name = self._topology.consumer_name(spec.name, instance)
+        self._seen: dict[str, float] = {}
+        self._holds: dict[str, tuple[int, ...]] = {}
+        self._retry = False
+        self._leaving = False
+        self._kv: KeyValueStore | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def live(self) -> set[str]:
+        """Instances of this stage heard from within `failover_after` seconds, and this one."""
+        return {self.instance, *self._seen}
+
+    async def start(self) -> None:
+        """Join: announce, learn the others, take this instance's partitions."""
+        s = self._settings
+        self._kv = await self._bus.key_value(
+            self._topology.members_bucket(), ttl=self._cfg.failover_after, storage=s.storage
+        )
+        self._sub = await self._bus.subscribe_core(self._kv.subject(f"{self.spec.name}.*"))
+        now = time.monotonic()
+        for key, value in (await self._kv.items(f"{self.spec.name}.")).items():
+            other = key.split(".", 1)[1]
+            if other != self.instance:
+                self._seen[other] = now
+                self._holds[other] = _owned(value)
+        await self._announce()
+        await self.reconcile(pause=False)  # nothing is in flight yet
+        self._task = asyncio.create_task(self._follow(), name=f"affinity-{self.instance}")
+
+    async def leave(self) -> None:
+        """Hand the partitions over now: delete this instance's consumer and announcement."""
+        self._leaving = True
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(BusError):
+            await self._bus.delete_consumer(self._stream, self._name)
+        if self._kv is not None:
+            with contextlib.suppress(BusError):
+                await self._kv.delete(self._key)
+        await self._sub.close()
+        if self.puller is not None:
+            await self.puller.close()
+
+    @property
+    def _key(self) -> str:
+        return f"{self.spec.name}.{self.instance}"
+
+    async def _announce(self) -> None:
+        assert self._kv is not None
+        value = {"stage": self.spec.name, "instance": self.instance, "owned": list(self.owned),
+                 "at": time.time()}  # fmt: skip
+        await self._kv.put(self._key, orjson.dumps(value))
+
+    async def _follow(self) -> None:
+        beat = self._cfg.heartbeat
+        next_beat = time.monotonic() + beat
+        while not self._leaving:
+            msg = await self._sub.next_message(max(0.0, next_beat - time.monotonic()))
+            changed = False
+            if msg is not None:
+                other = msg.subject.rsplit(".", 1)[-1]
+                if other != self.instance:
+                    if msg.headers.get(KV_OPERATION) in ("DEL", "PURGE"):
+                        changed = self._seen.pop(other, None) is not None
+                        self._holds.pop(other, None)
+                    else:
+                        holds = _owned(msg.data)
+                        changed = other not in self._seen or self._holds.get(other) != holds
+                        self._seen[other] = time.monotonic()
+                        self._holds[other] = holds
+            if time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + beat
+                cutoff = time.monotonic() - self._cfg.failover_after
+                for other, seen in list(self._seen.items()):
+                    if seen < cutoff:
+                        log.info("%s: %s fell silent; taking over its share", self.instance, other)
+                        del self._seen[other]
+                        self._holds.pop(other, None)
+                        changed = True
+                try:
+                    await self._announce()
+                except BusError as exc:
+                    log.warning("%s: cannot announce: %s", self.instance, exc)
+            if changed or (self._retry and msg is None):
+                try:
+                    await self.reconcile()
+                except BusError as exc:
+                    log.warning("%s: rebalancing failed (%s); retrying", self.instance, exc)
+                    self._retry = True
+
+    async def reconcile(self, pause: bool = True) -> None:
+        """Bring this instance's consumer in line with the assignment for the live set."""
+        self._retry = False
+        current = {other: self._holds.get(other, ()) for other in self._seen}
+        current[self.instance] = self.owned
+        plan = rebalance(self.spec.name, self._settings.partitions, current)
+        desired = set(plan[self.instance])
+        if desired == set(self.owned):
+            return
+        resume = await self._quiesce() if pause and self._quiesce else None
+        try:
+            await self._move_to(desired)
+        finally:
+            if resume is not None:
+                resume()
+
+    async def _move_to(self, desired: set[int]) -> None:
+        owned = set(self.owned)
+        if owned - desired:  # release first, so the new owner can take them
+            await self._set(owned & desired)
+        if desired == set(self.owned):
+            return
+        try:
+            await self._set(desired)
+            return
+        except SubjectTaken:
+            await self._remove_silent()
+        try:
+            await self._set(desired)
+        except SubjectTaken:
+            free = desired - await self._held_by_others()
+            with contextlib.suppress(SubjectTaken):
+                await self._set(free | set(self.owned))
+            self._retry = True  # the rest is still being handed over; try again next beat
+
+    async def _set(self, partitions: set[int]) -> None:
+        gaining = bool(partitions - set(self.owned))
+        if not partitions or gaining:
+            await self._bus.delete_consumer(self._stream, self._name)
+        if partitions:
+            spec = self._topology.consumer(self.spec, self.instance, partitions)
+            try:
+                await self._bus.ensure_consumer(spec)
+            except SubjectTaken:
+                if gaining and self.owned:  # keep what we had while the rest is handed over
+                    await self._bus.ensure_consumer(
+                        self._topology.consumer(self.spec, self.instance, self.owned)
+                    )
+                else:
+                    self.owned = ()
+                raise
+            if self.puller is None:
+                self.puller = await self._bus.pull(spec)
+        if tuple(sorted(partitions)) != self.owned:
+            self.owned = tuple(sorted(partitions))
+            log.info("%s owns partitions %s", self.instance, list(self.owned))
+            self.changed.set()
+            with contextlib.suppress(BusError):
+                await self._announce()
+
+    async def _remove_silent(self) -> None:
+        # Consumers of instances no longer heard from hold partitions (and un-acked messages)
+        # hostage; once such an instance has been silent for failover_after, they go.
+        live = {self._topology.consumer_name(self.spec.name, i) for i in self.live()}
+        for consumer in await self._bus.consumers(self._stream):
+            age = time.time() - consumer.created
+            if consumer.name not in live and age > self._cfg.failover_after:
+                log.info("%s: removing consumer %s of a silent instance", self.instance,
+                         consumer.name)  # fmt: skip
+                await self._bus.delete_consumer(self._stream, consumer.name)
+
+    async def _held_by_others(self) -> set[int]:
+        held: set[int] = set()
+        for consumer in await self._bus.consumers(self._stream):
+            if consumer.name != self._name:
+                for subject in consumer.subjects:
+                    p = self._topology.partition_of_subject(subject)
+                    held |= set(range(self._settings.partitions)) if p is None else {p}
+        return held
+
+
+def _owned(value: bytes) -> tuple[int, ...]:
+    try:
+        return tuple(sorted(int(p) for p in orjson.loads(value).get("owned", ())))
+    except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return ()

@@ -1,0 +1,158 @@
+"""Session affinity across several instances of a stage, with failover and rebalancing.
+
+Separate processes on a real nats-server: three instances of inference (one of each other
+stage), many sessions. Ownership is read from the instances' announcements, affinity from the
+instance ids every result records per stage.
+"""
+
+import asyncio
+import math
+import signal
+import time
+
+import pytest
+
+from shared.bus import Bus
+from shared.client import Client
+from shared.partition import partition_of
+from shared.status import coverage, members_by_stage
+from tests.support import StageProcess, collect, settings_for, wait_until_consuming
+
+SESSIONS = [f"user-{i}" for i in range(48)]
+FAST_FAILOVER = {"ORCH_AFFINITY__HEARTBEAT": "0.5", "ORCH_AFFINITY__FAILOVER_AFTER": "2"}
+
+
+async def owners(url, settings, stage="inference") -> dict[str, list[int]]:
+    async with await Bus.connect(url, name="test-owners") as bus:
+        return (await members_by_stage(bus, settings)).get(stage, {})
+
+
+async def wait_for_owners(url, settings, count, timeout=30.0) -> dict[str, list[int]]:
+    """Until `count` instances announce a full, balanced, non-overlapping split."""
+    parts = settings.partitions
+    async with asyncio.timeout(timeout):
+        while True:
+            found = await owners(url, settings)
+            held = sorted(p for ps in found.values() for p in ps)
+            balanced = bool(found) and max(map(len, found.values())) <= math.ceil(parts / count)
+            if len(found) == count and held == list(range(parts)) and balanced:
+                async with await Bus.connect(url, name="t") as bus:
+                    if all((await coverage(bus, settings)).values()):
+                        return found
+            await asyncio.sleep(0.1)
+
+
+async def send(client, n, start=0, rate=None):
+    ids = {}
+    for i in range(start, start + n):
+        session = SESSIONS[i % len(SESSIONS)]
+        ids[await client.publish(f"request {i}", session)] = session
+        if rate:
+            await asyncio.sleep(1 / rate)
+    return ids
+
+
+def handled_by(results, ids, stage="inference") -> dict[str, set[str]]:
+    """session -> the instances of `stage` that handled its requests."""
+    out: dict[str, set[str]] = {}
+    for rid, session in ids.items():
+        hop = next(h for h in results[rid][0].hops if h.stage == stage)
+        out.setdefault(session, set()).add(hop.instance)
+    return out
+
+
+def stop_all(procs):
+    for p in procs:
+        if p.proc and p.proc.poll() is None:
+            p.signal(signal.SIGTERM)
+    return [p.stop() for p in procs]
+
+
+@pytest.mark.parametrize("mesh", [5000], indirect=True)
+async def test_sessions_stick_and_survive_a_kill(nats_server, mesh, tmp_path):
+    env, _ = mesh(**FAST_FAILOVER)
+    extra = [StageProcess("inference", env, tmp_path, name=f"inference-{i}") for i in (2, 3)]
+    settings = settings_for(env)
+    client = await Client.connect(settings, nats_server.url)
+    try:
+        await wait_until_consuming(nats_server.url, settings)
+        before = await wait_for_owners(nats_server.url, settings, 3)
+        owner = {p: inst for inst, ps in before.items() for p in ps}
+
+        # Stable membership: every session's requests go to the one owner of its partition.
+        first = await send(client, 480)
+        seen = await collect(client, set(first), timeout=60)
+        for session, instances in handled_by(seen, first).items():
+            assert instances == {owner[partition_of(session, settings.partitions)]}, session
+
+        # Kill -9 one of the extra instances (the fixture's own must exit cleanly) while
+        # requests keep coming.
+        victim = extra[0]
+        victim_id = next(i for i in before if f"-{victim.proc.pid}-" in i)
+        sending = asyncio.create_task(send(client, 300, start=480, rate=150))
+        await asyncio.sleep(0.5)
+        victim.kill()
+        killed_at = time.monotonic()
+        after = await wait_for_owners(nats_server.url, settings, 2, timeout=30)
+        failover = time.monotonic() - killed_at
+        second = await sending
+        seen = await collect(client, set(first) | set(second), timeout=60)
+    finally:
+        await client.close()
+        codes = stop_all(extra[1:])
+    async with await Bus.connect(nats_server.url, name="t") as bus:
+        stored = (await bus.stream_state("ORCH_RESULTS")).last_seq
+    print(f"\nfailover: partitions of the killed instance owned again after {failover:.2f}s "
+          f"(failover_after={settings.affinity.failover_after}s); {before} -> {after}")  # fmt: skip
+    assert stored == len(first) + len(second)  # every request completed exactly once
+    assert victim_id not in after
+    for inst, ps in after.items():  # survivors kept what they had
+        assert set(before[inst]) <= set(ps)
+    assert failover < settings.affinity.failover_after + 5
+    # Sessions of the survivors' partitions did not move, before or after the kill.
+    for session, instances in handled_by(seen, second).items():
+        p = partition_of(session, settings.partitions)
+        if owner[p] != victim_id:
+            assert instances == {owner[p]}, session
+    assert all(code == 0 for code in codes), codes
+
+
+@pytest.mark.parametrize("mesh", [5000], indirect=True)
+async def test_a_new_instance_takes_a_fair_share_and_only_those_sessions_move(
+    nats_server, mesh, tmp_path
+):
+    env, _ = mesh(**FAST_FAILOVER)
+    extra = [StageProcess("inference", env, tmp_path, name=f"inference-{i}") for i in (2, 3)]
+    settings = settings_for(env)
+    client = await Client.connect(settings, nats_server.url)
+    try:
+        await wait_until_consuming(nats_server.url, settings)
+        before = await wait_for_owners(nats_server.url, settings, 3)
+        owner = {p: inst for inst, ps in before.items() for p in ps}
+        first = await send(client, 240)
+        sending = asyncio.create_task(send(client, 300, start=240, rate=150))
+        await asyncio.sleep(0.5)
+        extra.append(StageProcess("inference", env, tmp_path, name="inference-4"))
+        after = await wait_for_owners(nats_server.url, settings, 4, timeout=30)
+        second = await sending
+        third = await send(client, 240, start=540)
+        seen = await collect(client, set(first) | set(second) | set(third), timeout=60)
+    finally:
+        await client.close()
+        codes = stop_all(extra)
+    newcomer = next(i for i in after if i not in before)
+    moved = {p for p in owner if owner[p] != next(i for i, ps in after.items() if p in ps)}
+    assert moved == set(after[newcomer])  # it took exactly its share, nothing else moved
+    assert len(after[newcomer]) == settings.partitions // 4
+    sessions_moved = {s for s in SESSIONS if partition_of(s, settings.partitions) in moved}
+    print(f"\njoin: newcomer took partitions {sorted(moved)}; "
+          f"{len(sessions_moved)}/{len(SESSIONS)} sessions moved")  # fmt: skip
+    for session, instances in handled_by(seen, first | second | third).items():
+        if session not in sessions_moved:
+            assert instances == {owner[partition_of(session, settings.partitions)]}, session
+        else:
+            assert instances <= {owner[partition_of(session, settings.partitions)], newcomer}
+    for session, instances in handled_by(seen, third).items():
+        p = partition_of(session, settings.partitions)
+        assert instances == {next(i for i, ps in after.items() if p in ps)}, session
+    assert all(code == 0 for code in codes), codes
