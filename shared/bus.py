@@ -225,9 +225,13 @@ class Bus:
             ) from None
 
     async def consumers(self, stream: str) -> list[ConsumerView]:
-        """Every consumer of `stream`, with its subjects and counters."""
-        out = []
-        for info in await self._jsm.consumers_info(stream):
+        """Every consumer of `stream`, with its subjects and counters; none if no stream."""
+        out: list[ConsumerView] = []
+        try:
+            infos = await self._jsm.consumers_info(stream)
+        except nats.js.errors.NotFoundError:
+            return out
+        for info in infos:
             cfg = info.config
             subjects = tuple(
                 cfg.filter_subjects or ([cfg.filter_subject] if cfg.filter_subject else [])

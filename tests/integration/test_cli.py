@@ -1,5 +1,6 @@
 """The command line as a user runs it: demo, up, publish, ask, result."""
 
+import json
 import os
 import re
 import signal
@@ -111,3 +112,33 @@ def test_help_explains_every_command():
     start = time.monotonic()
     assert run(["run", "--help"], dict(os.environ)).returncode == 0
     assert time.monotonic() - start < 60
+
+
+def test_up_with_instances_runs_separate_processes_and_status_shows_owners(nats_server, tmp_path):
+    env = stage_env(nats_server.url)
+    log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
+    up = subprocess.Popen([*orchestrator_command(), "up", "--instances", "2"], cwd=ROOT, env=env,
+                          stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # until every stage has two instances sharing the 8 partitions evenly
+            status = run(["status", "--json"], env)
+            if status.returncode == 0:
+                stages = json.loads(status.stdout)["stages"]
+                owned = [sorted(len(ps) for ps in s["instances"].values()) for s in stages]
+                if owned == [[4, 4]] * 5:
+                    break
+            assert time.monotonic() < deadline, status.stdout + status.stderr
+            time.sleep(0.5)
+        pids = {int(i.split("-")[-2]) for s in stages for i in s["instances"]}
+        assert len(pids) == 10  # ten processes, none of them this supervisor
+        assert up.pid not in pids
+        asked = run(["ask", "What is NATS?", "--session", "s", "--timeout", "30"], env)
+        assert asked.returncode == 0, asked.stderr
+        text = run(["status"], env).stdout
+        assert "instances and the partitions they own:" in text
+    finally:
+        up.send_signal(signal.SIGTERM)
+        code = up.wait(90)
+        log.close()
+    assert code == 0, (tmp_path / "up.log").read_text()
