@@ -113,6 +113,15 @@ def _metadata(pairs: list[str]) -> dict[str, MetaValue]:
     return out
 
 
+def _request_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options `publish` and `ask` share: metadata, request id, deadline."""
+    return {
+        "metadata": _metadata(args.meta),
+        "request_id": args.request_id,
+        "deadline": time.time() + args.ttl if args.ttl else None,
+    }
+
+
 def _url(settings: Settings) -> str:
     return settings.nats_url or DEFAULT_URL
 
@@ -188,13 +197,7 @@ async def _cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
 
     client = await Client.connect(settings, _url(settings))
     try:
-        request_id = await client.publish(
-            args.text,
-            args.session,
-            metadata=_metadata(args.meta),
-            request_id=args.request_id,
-            deadline=time.time() + args.ttl if args.ttl else None,
-        )
+        request_id = await client.publish(args.text, args.session, **_request_options(args))
     finally:
         await client.close()
     print(request_id)
@@ -207,12 +210,7 @@ async def _cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
     client = await Client.connect(settings, _url(settings))
     try:
         result = await client.ask(
-            args.text,
-            args.session,
-            timeout=args.timeout,
-            metadata=_metadata(args.meta),
-            request_id=args.request_id,
-            deadline=time.time() + args.ttl if args.ttl else None,
+            args.text, args.session, timeout=args.timeout, **_request_options(args)
         )
     finally:
         await client.close()

@@ -82,6 +82,37 @@ class Topology:
             return self.result_subject(request_id)
         return self.subject_for(channel, session_id)
 
+    def _stream(
+        self,
+        channel: str,
+        subject: str,
+        retention: Literal["workqueue", "limits"],
+        discard: Literal["new", "old"],
+        max_msgs: int,
+        max_bytes: int,
+        max_age: float = 0.0,
+        max_msgs_per_subject: int = -1,
+        counter: bool = False,
+    ) -> StreamSpec:
+        s = self.settings
+        return StreamSpec(
+            name=self.stream_name(channel),
+            subjects=(subject,),
+            retention=retention,
+            discard=discard,
+            max_msgs=max_msgs,
+            max_bytes=max_bytes,
+            max_age=max_age,
+            # The stage, not the server, rejects oversized messages, so that they reach the
+            # dead-letter stream with a reason; the server keeps its own hard ceiling above.
+            max_msg_size=-1,
+            max_msgs_per_subject=max_msgs_per_subject,
+            storage=s.storage,
+            replicas=s.replicas,
+            duplicate_window=s.duplicate_window,
+            counter=counter,
+        )
+
     def channel_names(self) -> list[str]:
         """The configured inter-stage channels, intake first."""
         return list(type(self.settings.channels).model_fields)
@@ -89,41 +120,14 @@ class Topology:
     def channel_stream(self, channel: str) -> StreamSpec:
         """The bounded work-queue stream of `channel`."""
         cfg = getattr(self.settings.channels, channel)
-        s = self.settings
-        return StreamSpec(
-            name=self.stream_name(channel),
-            subjects=(f"{self.prefix}.{channel}.*",),
-            retention="workqueue",
-            discard="new",
-            max_msgs=cfg.capacity,
-            max_bytes=cfg.max_bytes,
-            max_age=0.0,
-            # The stage, not the server, rejects oversized messages, so that they reach the
-            # dead-letter stream with a reason; the server keeps a hard ceiling above that.
-            max_msg_size=-1,
-            max_msgs_per_subject=-1,
-            storage=s.storage,
-            replicas=s.replicas,
-            duplicate_window=s.duplicate_window,
-        )
+        subject = f"{self.prefix}.{channel}.*"
+        return self._stream(channel, subject, "workqueue", "new", cfg.capacity, cfg.max_bytes)
 
     def results_stream(self) -> StreamSpec:
         """The results stream: limits retention, bounded by age, one message per request."""
-        s = self.settings
-        return StreamSpec(
-            name=self.stream_name(RESULTS),
-            subjects=(f"{self.prefix}.{RESULTS}.*",),
-            retention="limits",
-            discard="old",
-            max_msgs=s.results.max_msgs,
-            max_bytes=s.results.max_bytes,
-            max_age=s.results.max_age,
-            max_msg_size=-1,
-            max_msgs_per_subject=1,
-            storage=s.storage,
-            replicas=s.replicas,
-            duplicate_window=s.duplicate_window,
-        )
+        r = self.settings.results
+        return self._stream(RESULTS, f"{self.prefix}.{RESULTS}.*", "limits", "old",
+                            r.max_msgs, r.max_bytes, r.max_age, max_msgs_per_subject=1)  # fmt: skip
 
     def dlq_subject(self, stage: str = "*", reason: str = "*") -> str:
         """Where `stage` puts what it cannot process for `reason` (wildcards by default)."""
@@ -135,41 +139,15 @@ class Topology:
 
     def counters_stream(self) -> StreamSpec:
         """Exact, server-side counters of operator actions, for the accounting identity."""
-        s = self.settings
-        return StreamSpec(
-            name=self.stream_name(COUNTERS),
-            subjects=(f"{self.prefix}.{COUNTERS}.>",),
-            retention="limits",
-            discard="old",
-            max_msgs=-1,
-            max_bytes=-1,
-            max_age=0.0,
-            max_msg_size=-1,
-            max_msgs_per_subject=-1,
-            storage=s.storage,
-            replicas=s.replicas,
-            duplicate_window=s.duplicate_window,
-            counter=True,
-        )
+        subject = f"{self.prefix}.{COUNTERS}.>"
+        return self._stream(COUNTERS, subject, "limits", "old", -1, -1, counter=True)
 
     def dlq_stream(self) -> StreamSpec:
         """The dead-letter stream: limits retention so entries stay until replayed or purged."""
-        s = self.settings
-        return StreamSpec(
-            name=self.stream_name(DLQ),
-            subjects=(f"{self.prefix}.{DLQ}.*.*",),
-            retention="limits",
-            # Refusing new entries keeps old ones: the stage then retries instead of acking.
-            discard="new",
-            max_msgs=s.dead_letter.max_msgs,
-            max_bytes=s.dead_letter.max_bytes,
-            max_age=s.dead_letter.max_age,
-            max_msg_size=-1,
-            max_msgs_per_subject=-1,
-            storage=s.storage,
-            replicas=s.replicas,
-            duplicate_window=s.duplicate_window,
-        )
+        d = self.settings.dead_letter
+        # Refusing new entries keeps old ones: the stage then holds the message instead.
+        return self._stream(DLQ, f"{self.prefix}.{DLQ}.*.*", "limits", "new",
+                            d.max_msgs, d.max_bytes, d.max_age)  # fmt: skip
 
     def streams(self) -> list[StreamSpec]:
         """Every stream the pipeline needs."""
