@@ -11,7 +11,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
@@ -33,15 +32,6 @@ REFILL_WAIT = 0.005
 """How long free slots wait for more to free up before a smaller fetch fills them."""
 
 
-@dataclass
-class StageCounters:
-    """What one runtime has done since it started."""
-
-    handled: int = 0
-    retried: int = 0
-    dead_lettered: dict[str, int] = field(default_factory=dict)
-
-
 class StageRuntime:
     """Runs one instance of one stage against a connected bus."""
 
@@ -50,7 +40,6 @@ class StageRuntime:
     ) -> None:
         self.spec = spec
         self.instance = instance
-        self.counters = StageCounters()
         self._bus = bus
         self._handler = handler
         self._topology = Topology(settings)
@@ -165,7 +154,6 @@ class StageRuntime:
             output = await self._handler(envelope)
             await self._forward(envelope, output, received)
             await delivery.ack()
-            self.counters.handled += 1
         except Exception as exc:  # any failure becomes a retry or a dead letter, never a crash
             await self._settle_failure(delivery, envelope, exc)
         finally:
@@ -190,7 +178,6 @@ class StageRuntime:
         try:
             if isinstance(action, Retry):
                 log.debug("%s: retry in %.1fs after %r", self.instance, action.delay, exc)
-                self.counters.retried += 1
                 await delivery.nak(delay=action.delay)
             else:
                 await self._dead_letter(delivery, envelope, action)
@@ -231,8 +218,6 @@ class StageRuntime:
                 await asyncio.sleep(wait)
                 wait = min(wait * 2, 10.0)
         await delivery.ack()
-        counts = self.counters.dead_lettered
-        counts[action.reason] = counts.get(action.reason, 0) + 1
         log.debug("%s: dead-lettered (%s): %s", self.instance, action.reason, action.error)
 
     async def _keep_alive(self) -> None:
