@@ -15,7 +15,7 @@ from shared.dlq_cli import add_commands as add_dlq_commands
 from shared.dlq_cli import run_dlq, run_status
 from shared.envelope import MetaValue
 from shared.errors import ConfigError, OrchestratorError
-from shared.natsserver import EmbeddedNats
+from shared.natsserver import EmbeddedNats, port_is_free
 from shared.runner import (
     DEFAULT_URL,
     check_health,
@@ -26,13 +26,16 @@ from shared.runner import (
 )
 from shared.settings import Settings, load_settings
 
+DEFAULT_PORT = 4222
+
 DESCRIPTION = """\
 Run LLM prompt pipelines as a mesh of stages on NATS JetStream:
 rag -> assemble -> inference -> post -> stream.
 
 The NATS server comes from --nats-url, else $ORCH_NATS_URL or $NATS_URL, else the pipeline
 file's nats_url. `demo` and `up` start an embedded nats-server when none is configured;
-the other commands default to nats://127.0.0.1:4222.
+the other commands default to nats://127.0.0.1:4222, where `up` puts its server when the
+port is free.
 """
 
 
@@ -154,8 +157,13 @@ async def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     if settings.nats_url:
         return await run(settings.nats_url)
     store = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "prompt-orchestrator"
-    with EmbeddedNats(store_dir=store) as server:
+    # The default port when it is free, so that `orchestrator ask` etc. find it unconfigured.
+    port = DEFAULT_PORT if port_is_free(DEFAULT_PORT) else None
+    with EmbeddedNats(store_dir=store, port=port) as server:
         print(f"embedded nats-server on {server.url}, store {store}", file=sys.stderr)
+        if port is None:
+            print(f"(port {DEFAULT_PORT} is taken: pass --nats-url {server.url} to other "
+                  "commands)", file=sys.stderr)  # fmt: skip
         return await run(server.url)
 
 

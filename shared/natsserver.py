@@ -46,6 +46,16 @@ def find_binary() -> str:
     )
 
 
+def port_is_free(port: int) -> bool:
+    """Whether nothing listens on 127.0.0.1:`port` (and it may be bound)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
