@@ -6,6 +6,8 @@ Any NATS client can do the same by following docs/PROTOCOL.md; this is the refer
 import time
 from collections.abc import AsyncIterator
 
+from opentelemetry import propagate
+
 from shared.bus import Bus
 from shared.envelope import Envelope, MetaValue, Result, decode, encode, new_request
 from shared.errors import ResultTimeout
@@ -59,7 +61,14 @@ class Client:
     async def publish_envelope(self, envelope: Envelope) -> str:
         """Submit a prepared envelope; return its request id."""
         subject = self.topology.subject_for(INTAKE, envelope.session_id)
-        await self.bus.publish(subject, encode(envelope), msg_id=f"{envelope.request_id}:client")
+        trace_headers: dict[str, str] = {}
+        propagate.inject(trace_headers)  # the caller's active trace, if any (W3C traceparent)
+        await self.bus.publish(
+            subject,
+            encode(envelope),
+            msg_id=f"{envelope.request_id}:client",
+            headers=trace_headers or None,
+        )
         return envelope.request_id
 
     async def ask(

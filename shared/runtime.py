@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from opentelemetry import propagate, trace
 from pydantic import BaseModel
 
 from shared import deadletter
@@ -25,6 +26,7 @@ from shared.stage import Handler, StageSpec
 from shared.topology import Topology
 
 log = logging.getLogger(__name__)
+_tracer = trace.get_tracer("prompt-orchestrator")
 
 FETCH_WAIT = 1.0
 """Longest a fetch waits for messages; also bounds how long a stop takes to be noticed."""
@@ -151,15 +153,46 @@ class StageRuntime:
             if envelope.deadline is not None and envelope.deadline < received:
                 late = received - envelope.deadline
                 raise Expired(f"deadline passed {late:.3f}s before {self.spec.name} received it")
-            output = await self._handler(envelope)
-            await self._forward(envelope, output, received)
+            if deadletter.TRACEPARENT in delivery.headers:
+                output, trace_headers = await self._traced(delivery, envelope)
+            else:  # untraced messages pay nothing for tracing
+                output, trace_headers = await self._handler(envelope), None
+            await self._forward(envelope, output, received, trace_headers)
             await delivery.ack()
         except Exception as exc:  # any failure becomes a retry or a dead letter, never a crash
             await self._settle_failure(delivery, envelope, exc)
         finally:
             del self._inflight[delivery]
 
-    async def _forward(self, envelope: Envelope, output: BaseModel, received: float) -> None:
+    async def _traced(
+        self, delivery: Delivery, envelope: Envelope
+    ) -> tuple[BaseModel, dict[str, str]]:
+        # A span per stage, child of the caller's (W3C trace context in the headers); with no
+        # OpenTelemetry SDK configured the caller's context passes through unchanged.
+        parent = propagate.extract(delivery.headers)
+        with _tracer.start_as_current_span(
+            f"{self.spec.name} process",
+            context=parent,
+            kind=trace.SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "nats",
+                "messaging.destination.name": delivery.subject,
+                "orchestrator.request_id": envelope.request_id,
+                "orchestrator.instance": self.instance,
+            },
+        ):
+            output = await self._handler(envelope)
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)
+        return output, carrier
+
+    async def _forward(
+        self,
+        envelope: Envelope,
+        output: BaseModel,
+        received: float,
+        headers: dict[str, str] | None,
+    ) -> None:
         hops: list[Hop] = output.hops  # type: ignore[attr-defined]
         hops.append(
             Hop(stage=self.spec.name, instance=self.instance, received=received, done=time.time())
@@ -168,7 +201,10 @@ class StageRuntime:
             self.spec.output, envelope.session_id, envelope.request_id
         )
         await self._bus.publish(
-            subject, encode(output), msg_id=f"{envelope.request_id}:{self.spec.name}"
+            subject,
+            encode(output),
+            msg_id=f"{envelope.request_id}:{self.spec.name}",
+            headers=headers,
         )
 
     async def _settle_failure(

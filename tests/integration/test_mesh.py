@@ -147,3 +147,36 @@ async def test_sigterm_drains_in_flight_work(nats_server, mesh):
     # The stopped instance finished what it held; the restarted one did the rest.
     assert len(by_instance) == 2, by_instance
     assert min(by_instance.values()) >= 1
+
+
+async def test_trace_context_travels_through_every_stage(nats_server, mesh):
+    from opentelemetry import context, trace
+
+    env, _ = mesh()
+    settings = settings_for(env)
+    await wait_until_consuming(nats_server.url, settings)
+    parent = trace.SpanContext(
+        trace_id=0x4BF92F3577B34DA6A3CE929D0E0E4736,
+        span_id=0x00F067AA0BA902B7,
+        is_remote=False,
+        trace_flags=trace.TraceFlags(1),
+    )
+    token = context.attach(trace.set_span_in_context(trace.NonRecordingSpan(parent)))
+    client = await Client.connect(settings, nats_server.url)
+    try:
+        rid = await client.publish("traced question", "s")
+    finally:
+        context.detach(token)
+    try:
+        await client.result(rid, timeout=30)
+        stored = await client.bus.last_message("ORCH_RESULTS", f"orch.results.{rid}")
+        untraced = await client.publish("plain question", "s")
+        await client.result(untraced, timeout=30)
+        plain = await client.bus.last_message("ORCH_RESULTS", f"orch.results.{untraced}")
+    finally:
+        await client.close()
+    assert stored is not None and plain is not None
+    # No SDK is configured, so each stage's span carries the caller's context unchanged.
+    expected = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    assert stored.headers.get("traceparent") == expected, stored.headers
+    assert "traceparent" not in plain.headers
