@@ -3,6 +3,7 @@
 import argparse
 import asyncio
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -284,9 +285,16 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments, load settings once, run the command; exit 2 on a reported error."""
     args = _parser().parse_args(argv)
+    # SIGTERM ends a command like Ctrl-C does, so an embedded nats-server is always stopped.
+    # (Commands that drain install their own handlers while they run.)
+    signal.signal(signal.SIGTERM, _interrupt)
     configure_logging(args.verbose)
     try:
         settings = load_settings(args.config, nats_url=args.nats_url)

@@ -142,3 +142,23 @@ def test_up_with_instances_runs_separate_processes_and_status_shows_owners(nats_
         code = up.wait(90)
         log.close()
     assert code == 0, (tmp_path / "up.log").read_text()
+
+
+def test_server_command_stops_its_nats_server_on_sigterm(tmp_path):
+    from shared.natsserver import free_port
+
+    port = free_port()
+    server = subprocess.Popen(
+        [*orchestrator_command(), "server", "--port", str(port), "--store", str(tmp_path)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert server.stdout is not None
+    first = server.stdout.readline()
+    assert f"nats-server on nats://127.0.0.1:{port} (pid " in first
+    child = int(first.split("(pid ")[1].split(")")[0])
+    server.send_signal(signal.SIGTERM)
+    server.wait(30)
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{child}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{child}"), "nats-server outlived the command"
