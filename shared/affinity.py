@@ -28,8 +28,8 @@ from collections.abc import Awaitable, Callable
 import orjson
 
 from shared.assignment import rebalance
-from shared.bus import Bus, KeyValueStore, Puller
-from shared.errors import BusError, SubjectTaken
+from shared.bus import Bus, KeyValueStore, Puller, StoredMessage
+from shared.errors import SubjectTaken
 from shared.settings import Settings
 from shared.stage import StageSpec
 from shared.topology import Topology
@@ -67,9 +67,12 @@ class Affinity:
         self._seen: dict[str, float] = {}
         self._holds: dict[str, tuple[int, ...]] = {}
         self._retry = False
+        self._consumer_ok = False
         self._leaving = False
+        self._force = False
         self._kv: KeyValueStore | None = None
         self._task: asyncio.Task[None] | None = None
+        self._beat_task: asyncio.Task[None] | None = None
 
     def live(self) -> set[str]:
         """Instances of this stage heard from within `failover_after` seconds, and this one."""
@@ -91,22 +94,30 @@ class Affinity:
         await self._announce()
         await self.reconcile(pause=False)  # nothing is in flight yet
         self._task = asyncio.create_task(self._follow(), name=f"affinity-{self.instance}")
+        self._beat_task = asyncio.create_task(self._beat(), name=f"heartbeat-{self.instance}")
 
     async def leave(self) -> None:
-        """Hand the partitions over now: delete this instance's consumer and announcement."""
+        """Hand the partitions over now: delete this instance's consumer and announcement.
+
+        Best effort and never raising: whatever fails here, the others take over after
+        `failover_after` anyway.
+        """
         self._leaving = True
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        with contextlib.suppress(BusError):
+        for task in (self._task, self._beat_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        with contextlib.suppress(Exception):
             await self._bus.delete_consumer(self._stream, self._name)
         if self._kv is not None:
-            with contextlib.suppress(BusError):
+            with contextlib.suppress(Exception):
                 await self._kv.delete(self._key)
-        await self._sub.close()
+        with contextlib.suppress(Exception):
+            await self._sub.close()
         if self.puller is not None:
-            await self.puller.close()
+            with contextlib.suppress(Exception):
+                await self.puller.close()
 
     @property
     def _key(self) -> str:
@@ -118,25 +129,42 @@ class Affinity:
                  "at": time.time()}  # fmt: skip
         await self._kv.put(self._key, orjson.dumps(value))
 
+    async def _beat(self) -> None:
+        # Its own task, so that announcements go on while a rebalance waits for long
+        # handlers to finish: a silent instance would be declared dead and lose its consumer.
+        while not self._leaving:
+            await asyncio.sleep(self._cfg.heartbeat)
+            try:
+                await self._announce()
+            except Exception as exc:  # a broker outage must not end the heartbeat
+                log.warning("%s: cannot announce: %s", self.instance, exc)
+
+    def _hear(self, msg: StoredMessage) -> bool:
+        """Record one announcement or goodbye; True if the membership view changed."""
+        other = msg.subject.rsplit(".", 1)[-1]
+        if other == self.instance:
+            return False
+        if msg.headers.get(KV_OPERATION) in ("DEL", "PURGE"):
+            self._holds.pop(other, None)
+            return self._seen.pop(other, None) is not None
+        holds = _owned(msg.data)
+        changed = other not in self._seen or self._holds.get(other) != holds
+        self._seen[other] = time.monotonic()
+        self._holds[other] = holds
+        return changed
+
     async def _follow(self) -> None:
         beat = self._cfg.heartbeat
-        next_beat = time.monotonic() + beat
+        next_check = time.monotonic() + beat
         while not self._leaving:
-            msg = await self._sub.next_message(max(0.0, next_beat - time.monotonic()))
-            changed = False
-            if msg is not None:
-                other = msg.subject.rsplit(".", 1)[-1]
-                if other != self.instance:
-                    if msg.headers.get(KV_OPERATION) in ("DEL", "PURGE"):
-                        changed = self._seen.pop(other, None) is not None
-                        self._holds.pop(other, None)
-                    else:
-                        holds = _owned(msg.data)
-                        changed = other not in self._seen or self._holds.get(other) != holds
-                        self._seen[other] = time.monotonic()
-                        self._holds[other] = holds
-            if time.monotonic() >= next_beat:
-                next_beat = time.monotonic() + beat
+            msg = await self._sub.next_message(max(0.0, next_check - time.monotonic()))
+            changed = msg is not None and self._hear(msg)
+            # Read everything already queued before judging silence: after a stall of this
+            # process, the others' heartbeats are waiting here, not missing.
+            while (queued := self._sub.next_nowait()) is not None:
+                changed = self._hear(queued) or changed
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + beat
                 cutoff = time.monotonic() - self._cfg.failover_after
                 for other, seen in list(self._seen.items()):
                     if seen < cutoff:
@@ -144,16 +172,16 @@ class Affinity:
                         del self._seen[other]
                         self._holds.pop(other, None)
                         changed = True
-                try:
-                    await self._announce()
-                except BusError as exc:
-                    log.warning("%s: cannot announce: %s", self.instance, exc)
             if changed or (self._retry and msg is None):
                 try:
                     await self.reconcile()
-                except BusError as exc:
+                except Exception as exc:  # broker trouble: keep following, try again
                     log.warning("%s: rebalancing failed (%s); retrying", self.instance, exc)
                     self._retry = True
+
+    def check_consumer(self) -> None:
+        """Ask for this instance's consumer to be verified (a fetch found it missing)."""
+        self._retry = self._force = True
 
     async def reconcile(self, pause: bool = True) -> None:
         """Bring this instance's consumer in line with the assignment for the live set."""
@@ -162,7 +190,8 @@ class Affinity:
         current[self.instance] = self.owned
         plan = rebalance(self.spec.name, self._settings.partitions, current)
         desired = set(plan[self.instance])
-        if desired == set(self.owned):
+        force, self._force = self._force, False
+        if desired == set(self.owned) and not (force and desired):
             return
         resume = await self._quiesce() if pause and self._quiesce else None
         try:
@@ -175,7 +204,7 @@ class Affinity:
         owned = set(self.owned)
         if owned - desired:  # release first, so the new owner can take them
             await self._set(owned & desired)
-        if desired == set(self.owned):
+        if desired == set(self.owned) and self._consumer_ok:
             return
         try:
             await self._set(desired)
@@ -191,28 +220,31 @@ class Affinity:
             self._retry = True  # the rest is still being handed over; try again next beat
 
     async def _set(self, partitions: set[int]) -> None:
-        gaining = bool(partitions - set(self.owned))
-        if not partitions or gaining:
-            await self._bus.delete_consumer(self._stream, self._name)
+        # Always a fresh consumer: one that gains a subject skips messages behind its cursor,
+        # and one narrowed in place would still redeliver (after their nak delay) messages of
+        # partitions that have a new owner. Deleting frees its un-acked messages for whoever
+        # owns their partition now.
+        await self._bus.delete_consumer(self._stream, self._name)
+        self._consumer_ok = False
+        previous, self.owned = self.owned, ()
         if partitions:
             spec = self._topology.consumer(self.spec, self.instance, partitions)
             try:
                 await self._bus.ensure_consumer(spec)
             except SubjectTaken:
-                if gaining and self.owned:  # keep what we had while the rest is handed over
-                    await self._bus.ensure_consumer(
-                        self._topology.consumer(self.spec, self.instance, self.owned)
-                    )
-                else:
-                    self.owned = ()
+                if previous and set(previous) <= partitions:  # keep what we had meanwhile
+                    keep = self._topology.consumer(self.spec, self.instance, previous)
+                    await self._bus.ensure_consumer(keep)
+                    self.owned, self._consumer_ok = previous, True
                 raise
+            self._consumer_ok = True
             if self.puller is None:
                 self.puller = await self._bus.pull(spec)
-        if tuple(sorted(partitions)) != self.owned:
             self.owned = tuple(sorted(partitions))
+        if self.owned != previous:
             log.info("%s owns partitions %s", self.instance, list(self.owned))
             self.changed.set()
-            with contextlib.suppress(BusError):
+            with contextlib.suppress(Exception):
                 await self._announce()
 
     async def _remove_silent(self) -> None:
@@ -222,6 +254,9 @@ class Affinity:
         for consumer in await self._bus.consumers(self._stream):
             age = time.time() - consumer.created
             if consumer.name not in live and age > self._cfg.failover_after:
+                instance = consumer.name.removeprefix(f"{self.spec.name}_")
+                if self._kv is not None and await self._kv.exists(f"{self.spec.name}.{instance}"):
+                    continue  # still announcing: only this instance lost sight of it
                 log.info("%s: removing consumer %s of a silent instance", self.instance,
                          consumer.name)  # fmt: skip
                 await self._bus.delete_consumer(self._stream, consumer.name)

@@ -21,6 +21,7 @@ from nats.js import api
 
 from shared.errors import (
     BusError,
+    MessageTooLarge,
     NotConnected,
     Overloaded,
     PublishTimeout,
@@ -176,6 +177,10 @@ class Bus:
         try:
             info = await self._jsm.stream_info(spec.name)
         except nats.js.errors.NotFoundError:
+            info = None
+        except nats.errors.Error as exc:
+            raise BusError(f"cannot read stream {spec.name}: {exc!r}") from None
+        if info is None:
             await self._api(self._jsm.add_stream(want), f"create stream {spec.name}")
             return "created"
         diff = _diff(info.config, want, _STREAM_FIELDS)
@@ -190,6 +195,10 @@ class Bus:
         try:
             info = await self._jsm.consumer_info(spec.stream, spec.durable)
         except nats.js.errors.NotFoundError:
+            info = None
+        except nats.errors.Error as exc:
+            raise BusError(f"cannot read consumer {spec.durable}: {exc!r}") from None
+        if info is None:
             what = f"create consumer {spec.durable} on {spec.stream}"
             await self._api(self._jsm.add_consumer(spec.stream, want), what)
             return "created"
@@ -231,6 +240,8 @@ class Bus:
             infos = await self._jsm.consumers_info(stream)
         except nats.js.errors.NotFoundError:
             return out
+        except nats.errors.Error as exc:
+            raise BusError(f"cannot list consumers of {stream}: {exc!r}") from None
         for info in infos:
             cfg = info.config
             subjects = tuple(
@@ -274,6 +285,14 @@ class Bus:
         hdrs = {MSG_ID: msg_id}
         if headers:
             hdrs.update(headers)
+        # nats-py checks only the payload against max_payload; a message whose headers push it
+        # over makes the server close the connection, so it is refused here instead.
+        size = len(data) + sum(len(k) + len(v) + 4 for k, v in hdrs.items()) + 12
+        if size > self._nc.max_payload:
+            raise MessageTooLarge(
+                f"{size} bytes with headers, over the server's max_payload of "
+                f"{self._nc.max_payload}, for {subject}"
+            )
         try:
             ack = await self._js.publish(subject, data, headers=hdrs)
         except nats.js.errors.ServiceUnavailableError as exc:
@@ -296,7 +315,10 @@ class Bus:
 
     async def pull(self, spec: ConsumerSpec) -> "Puller":
         """Bind to the durable pull consumer of `spec`."""
-        psub = await self._js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
+        try:
+            psub = await self._js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
+        except nats.errors.Error as exc:
+            raise BusError(f"cannot bind to consumer {spec.durable}: {exc!r}") from None
         return Puller(psub)
 
     async def stream_state(self, stream: str) -> StreamState:
@@ -394,6 +416,16 @@ class KeyValueStore:
         except nats.errors.Error as exc:
             raise BusError(f"delete {self.bucket}/{key}: {exc}") from None
 
+    async def exists(self, key: str) -> bool:
+        """Whether `key` holds a live value."""
+        try:
+            entry = await self._kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return False
+        except nats.errors.Error as exc:
+            raise BusError(f"get {self.bucket}/{key}: {exc}") from None
+        return entry.value is not None
+
     async def items(self, prefix: str) -> dict[str, bytes]:
         """Every live key starting with `prefix`, with its value."""
         try:
@@ -438,6 +470,13 @@ class CoreSubscription:
             async with asyncio.timeout(max(timeout, 0.001)):
                 return await self._queue.get()
         except TimeoutError:
+            return None
+
+    def next_nowait(self) -> StoredMessage | None:
+        """A message already received, or None."""
+        try:
+            return self._queue.get_nowait()
+        except asyncio.QueueEmpty:
             return None
 
     async def close(self) -> None:

@@ -21,6 +21,8 @@ DELIVERED = "Orch-Delivered"
 FAILED_AT = "Orch-Failed-At"
 REQUEST_ID = "Orch-Request-Id"
 SESSION_ID = "Orch-Session-Id"
+TRUNCATED = "Orch-Truncated"
+"""Set (to the original size) when a payload too large to store was cut to fit."""
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
 

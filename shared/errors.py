@@ -33,6 +33,10 @@ class Overloaded(BusError):
         super().__init__(f"stream for {subject!r} is full{': ' + detail if detail else ''}")
 
 
+class MessageTooLarge(BusError):
+    """A message (with its headers) exceeds what the server accepts in one message."""
+
+
 class PublishTimeout(BusError):
     """The server did not acknowledge a publish in time; it may or may not be stored."""
 

@@ -19,7 +19,7 @@ from shared import deadletter
 from shared.affinity import Affinity
 from shared.bus import Bus, Delivery
 from shared.envelope import Envelope, Hop, decode, encode
-from shared.errors import BusError
+from shared.errors import BusError, MessageTooLarge
 from shared.failure import Abandoned, DeadLetter, Expired, Retry, decide
 from shared.settings import Settings
 from shared.stage import Handler, StageSpec
@@ -125,6 +125,7 @@ class StageRuntime:
                     deliveries = await puller.fetch(min(free, batch), FETCH_WAIT)
                 except BusError as exc:
                     log.warning("%s: %s; retrying", self.instance, exc)
+                    affinity.check_consumer()  # e.g. deleted from outside: recreate it
                     await asyncio.sleep(0.5)
                     continue
                 for delivery in deliveries:
@@ -134,10 +135,12 @@ class StageRuntime:
         finally:
             # A fetch is never abandoned half-way (its messages would sit un-acked until
             # ack_wait); everything fetched is processed before the subscription closes.
-            if tasks:
-                await asyncio.wait(tasks)
-            heartbeat.cancel()
-            await affinity.leave()
+            try:
+                if tasks:
+                    await asyncio.wait(tasks)
+            finally:  # even when cancelled after drain_timeout, hand the partitions over
+                heartbeat.cancel()
+                await asyncio.shield(affinity.leave())
 
     async def _process(self, delivery: Delivery) -> None:
         received = time.time()
@@ -237,11 +240,18 @@ class StageRuntime:
         # Keyed by the input's stream sequence, so a redelivered copy is stored only once.
         msg_id = f"dlq:{self._stream}:{delivery.stream_seq}"
         subject = self._topology.dlq_subject(self.spec.name, action.reason)
+        payload = delivery.data
         wait = 0.5
         while True:
             try:
-                await self._bus.publish(subject, delivery.data, msg_id=msg_id, headers=headers)
+                await self._bus.publish(subject, payload, msg_id=msg_id, headers=headers)
                 break
+            except MessageTooLarge:
+                # Only an input at the server's own limit gets here (it was refused as over
+                # max_message_bytes): keep what fits, and say how much there was.
+                headers[deadletter.TRUNCATED] = str(len(delivery.data))
+                payload = payload[: max(0, len(payload) - 64 * 1024)]
+                continue
             except BusError as exc:
                 # A nak would spend one of the message's deliveries; once they ran out it
                 # would sit in its stream for good. So it is held here (the keep-alive stops

@@ -285,3 +285,31 @@ async def test_full_dead_letter_stream_holds_messages_until_there_is_room(
     a = status.accounts
     assert (a.accepted, a.dead_lettered, a.purged, a.in_flight) == (4, 4, 2, 0)
     assert a.balanced
+
+
+async def test_input_at_the_servers_size_limit_is_dead_lettered_and_the_stage_lives_on(
+    nats_server, mesh
+):
+    import nats
+
+    env, _ = mesh()
+    settings = settings_for(env)
+    await wait_until_consuming(nats_server.url, settings)
+    nc = await nats.connect(nats_server.url)
+    try:
+        huge = b"x" * (nc.max_payload - 200)  # fits alone, not with dead-letter headers
+        await nc.jetstream().publish("orch.intake.0", huge)
+    finally:
+        await nc.close()
+    client = await Client.connect(settings, nats_server.url)
+    try:
+        rid = await client.publish("still alive?", "s")
+        result = await client.result(rid, timeout=30)  # the stage's connection survived
+    finally:
+        await client.close()
+    assert result.output.endswith("Question: still alive? Answer:")
+    await wait_quiet(nats_server.url, settings)
+    [entry] = await dead_letters(nats_server.url, settings)
+    assert (entry.reason, entry.stage) == ("invalid", "rag")
+    assert entry.headers["Orch-Truncated"] == str(len(huge))
+    assert 0 < len(entry.payload) < len(huge)
