@@ -7,7 +7,7 @@ Everything above it speaks the project's own types: `StreamSpec`/`ConsumerSpec` 
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -36,6 +36,26 @@ MSG_ID = "Nats-Msg-Id"
 _STORE_FAILED = 10077  # JetStream "store failed": the stream is full under discard=new
 _NO_SUCH_MESSAGE = 10057
 _FILTER_NOT_UNIQUE = 10100  # another consumer of a work-queue stream already has the subject
+
+
+_RAISE: Any = object()
+
+
+async def _query(call: Awaitable[Any], what: str, missing: Any = _RAISE) -> Any:
+    """Await a JetStream API call, translating its errors into the project's.
+
+    "Not found" returns `missing` when one is given; every other failure (an API error, a
+    timeout, a closed connection) becomes a BusError naming `what`.
+    """
+    try:
+        return await call
+    except nats.js.errors.APIError as exc:
+        gone = isinstance(exc, nats.js.errors.NotFoundError) or exc.err_code == _NO_SUCH_MESSAGE
+        if gone and missing is not _RAISE:
+            return missing
+        raise BusError(f"{what}: {exc.description}") from None
+    except nats.errors.Error as exc:
+        raise BusError(f"{what}: {exc!r}") from None
 
 
 class Delivery:
@@ -174,12 +194,7 @@ class Bus:
     async def ensure_stream(self, spec: StreamSpec) -> str:
         """Create the stream, or bring it in line with `spec`; return what was done."""
         want = _stream_config(spec)
-        try:
-            info = await self._jsm.stream_info(spec.name)
-        except nats.js.errors.NotFoundError:
-            info = None
-        except nats.errors.Error as exc:
-            raise BusError(f"cannot read stream {spec.name}: {exc!r}") from None
+        info = await _query(self._jsm.stream_info(spec.name), f"read stream {spec.name}", None)
         if info is None:
             await self._api(self._jsm.add_stream(want), f"create stream {spec.name}")
             return "created"
@@ -192,12 +207,8 @@ class Bus:
     async def ensure_consumer(self, spec: ConsumerSpec) -> str:
         """Create the durable consumer, or bring it in line with `spec`; return what was done."""
         want = _consumer_config(spec)
-        try:
-            info = await self._jsm.consumer_info(spec.stream, spec.durable)
-        except nats.js.errors.NotFoundError:
-            info = None
-        except nats.errors.Error as exc:
-            raise BusError(f"cannot read consumer {spec.durable}: {exc!r}") from None
+        what = f"read consumer {spec.durable}"
+        info = await _query(self._jsm.consumer_info(spec.stream, spec.durable), what, None)
         if info is None:
             what = f"create consumer {spec.durable} on {spec.stream}"
             await self._api(self._jsm.add_consumer(spec.stream, want), what)
@@ -224,24 +235,13 @@ class Bus:
 
     async def delete_consumer(self, stream: str, name: str) -> bool:
         """Delete a consumer; False if it was already gone. Its un-acked messages are freed."""
-        try:
-            return await self._jsm.delete_consumer(stream, name)
-        except nats.js.errors.NotFoundError:
-            return False
-        except nats.js.errors.APIError as exc:
-            raise BusError(
-                f"cannot delete consumer {name} on {stream}: {exc.description}"
-            ) from None
+        what = f"delete consumer {name} on {stream}"
+        return await _query(self._jsm.delete_consumer(stream, name), what, False)
 
     async def consumers(self, stream: str) -> list[ConsumerView]:
         """Every consumer of `stream`, with its subjects and counters; none if no stream."""
         out: list[ConsumerView] = []
-        try:
-            infos = await self._jsm.consumers_info(stream)
-        except nats.js.errors.NotFoundError:
-            return out
-        except nats.errors.Error as exc:
-            raise BusError(f"cannot list consumers of {stream}: {exc!r}") from None
+        infos = await _query(self._jsm.consumers_info(stream), f"list consumers of {stream}", [])
         for info in infos:
             cfg = info.config
             subjects = tuple(
@@ -323,14 +323,13 @@ class Bus:
 
     async def stream_state(self, stream: str) -> StreamState:
         """How many messages `stream` holds, and the sequence of the last one ever stored."""
-        info = await self._jsm.stream_info(stream)
+        info = await _query(self._jsm.stream_info(stream), f"read stream {stream}")
         return StreamState(info.state.messages, info.state.bytes, info.state.last_seq)
 
     async def last_message(self, stream: str, subject: str) -> StoredMessage | None:
         """The last message stored on `subject`, or None."""
-        try:
-            raw = await self._jsm.get_last_msg(stream, subject)
-        except nats.js.errors.NotFoundError:
+        raw = await _query(self._jsm.get_last_msg(stream, subject), f"read {subject}", None)
+        if raw is None:
             return None
         return StoredMessage(
             raw.seq or 0, raw.subject or subject, raw.data or b"", raw.headers or {}
@@ -338,28 +337,20 @@ class Bus:
 
     async def message_at(self, stream: str, seq: int, subject: str) -> StoredMessage | None:
         """The first message at or after `seq` whose subject matches `subject`, or None."""
-        try:
-            raw = await self._jsm.get_msg(stream, seq=seq, subject=subject, next=True)
-        except nats.js.errors.NotFoundError:
+        call = self._jsm.get_msg(stream, seq=seq, subject=subject, next=True)
+        raw = await _query(call, f"read {stream} at {seq}", None)
+        if raw is None:
             return None
-        except nats.js.errors.APIError as exc:
-            raise BusError(f"reading {stream} at {seq}: {exc.description}") from None
         return StoredMessage(raw.seq or seq, raw.subject or "", raw.data or b"", raw.headers or {})
 
     async def delete(self, stream: str, seq: int) -> bool:
         """Delete message `seq` from `stream`; False when it was already gone."""
-        try:
-            return await self._jsm.delete_msg(stream, seq)
-        except nats.js.errors.NotFoundError:
-            return False
-        except nats.js.errors.APIError as exc:
-            if exc.err_code == _NO_SUCH_MESSAGE:
-                return False
-            raise BusError(f"deleting {stream} #{seq}: {exc.description}") from None
+        return await _query(self._jsm.delete_msg(stream, seq), f"delete {stream} #{seq}", False)
 
     async def subject_counts(self, stream: str, subject: str) -> dict[str, int]:
         """How many messages `stream` holds per subject matching `subject`."""
-        info = await self._jsm.stream_info(stream, subjects_filter=subject)
+        call = self._jsm.stream_info(stream, subjects_filter=subject)
+        info = await _query(call, f"count subjects of {stream}")
         return dict(info.state.subjects or {})
 
     async def increment(self, subject: str, by: int, *, msg_id: str) -> None:
