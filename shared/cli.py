@@ -189,9 +189,9 @@ async def _cmd_declare(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _cmd_server(args: argparse.Namespace, settings: Settings) -> int:
     server = EmbeddedNats(store_dir=args.store, port=args.port).start()
-    print(f"nats-server on {server.url} (pid {server.pid}), store {server.store_dir}")
-    print("press Ctrl-C to stop")
-    try:
+    try:  # a signal may arrive at any point after start, even during the prints
+        print(f"nats-server on {server.url} (pid {server.pid}), store {server.store_dir}")
+        print("press Ctrl-C to stop", flush=True)
         process = server.process
         assert process is not None
         code = await asyncio.to_thread(process.wait)

@@ -94,16 +94,22 @@ class EmbeddedNats:
         cmd = [binary, "-js", "-a", "127.0.0.1", "-p", str(self.port)]
         cmd += ["-sd", str(self.store_dir / "jetstream"), "-l", str(self.log_path)]
         self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            self._wait_ready(self.process)
+        except BaseException:
+            # Ctrl-C/SIGTERM while starting must not leave an orphaned server behind.
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, process: subprocess.Popen[bytes]) -> None:
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ServerError(
-                    f"nats-server exited with {self.process.returncode}: {self._tail()}"
-                )
+            if process.poll() is not None:
+                raise ServerError(f"nats-server exited with {process.returncode}: {self._tail()}")
             if "Server is ready" in self._tail(4000):
-                return self
+                return
             time.sleep(0.05)
-        self.stop()
         raise ServerError(f"nats-server not ready after {self.ready_timeout}s: {self._tail()}")
 
     def stop(self, timeout: float = 10.0) -> None:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from tests.support import ROOT, orchestrator_command, stage_env
 
@@ -162,3 +163,42 @@ def test_server_command_stops_its_nats_server_on_sigterm(tmp_path):
     while os.path.exists(f"/proc/{child}") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not os.path.exists(f"/proc/{child}"), "nats-server outlived the command"
+
+
+def _servers_using(store: Path) -> list[int]:
+    """Pids of live nats-server processes whose command line names this store."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if (
+            state != "Z"
+            and any(b"nats-server" in arg for arg in cmdline[:1])
+            and any(str(store).encode() in arg for arg in cmdline)
+        ):
+            found.append(int(entry.name))
+    return found
+
+
+def test_server_command_interrupted_while_starting_leaves_no_server(tmp_path):
+    from shared.natsserver import free_port
+
+    server = subprocess.Popen(
+        [*orchestrator_command(), "server", "--port", str(free_port()), "--store", str(tmp_path)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not (children := _servers_using(tmp_path)):  # signal as soon as the server exists
+        assert time.monotonic() < deadline and server.poll() is None, "no nats-server started"
+        time.sleep(0.005)
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(30) != 0
+    deadline = time.monotonic() + 10
+    while _servers_using(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _servers_using(tmp_path) == [], f"nats-server {children} outlived the command"
