@@ -116,6 +116,10 @@ class ConsumerState:
     ack_pending: int
     redelivered: int
     waiting: int
+    ack_floor: int = 0
+    """Stream sequence up to which every message the consumer was given is acked."""
+    delivered: int = 0
+    """Stream sequence of the last message the consumer was given."""
 
 
 @dataclass(frozen=True)
@@ -240,27 +244,14 @@ class Bus:
 
     async def consumers(self, stream: str) -> list[ConsumerView]:
         """Every consumer of `stream`, with its subjects and counters; none if no stream."""
-        out: list[ConsumerView] = []
         infos = await _query(self._jsm.consumers_info(stream), f"list consumers of {stream}", [])
-        for info in infos:
-            cfg = info.config
-            subjects = tuple(
-                cfg.filter_subjects or ([cfg.filter_subject] if cfg.filter_subject else [])
-            )
-            out.append(
-                ConsumerView(
-                    name=info.name,
-                    subjects=subjects,
-                    created=info.created.timestamp() if info.created else 0.0,
-                    state=ConsumerState(
-                        pending=info.num_pending or 0,
-                        ack_pending=info.num_ack_pending or 0,
-                        redelivered=info.num_redelivered or 0,
-                        waiting=info.num_waiting or 0,
-                    ),
-                )
-            )
-        return out
+        return [_consumer_view(info) for info in infos]
+
+    async def consumer(self, stream: str, name: str) -> ConsumerView | None:
+        """One consumer of `stream`, or None if there is no such consumer."""
+        what = f"read consumer {name} on {stream}"
+        info = await _query(self._jsm.consumer_info(stream, name), what, None)
+        return None if info is None else _consumer_view(info)
 
     async def key_value(self, bucket: str, ttl: float, storage: str) -> "KeyValueStore":
         """Create (or bind to) a key-value bucket whose entries expire `ttl` s after a put."""
@@ -400,6 +391,16 @@ class KeyValueStore:
         except nats.errors.Error as exc:
             raise BusError(f"put {self.bucket}/{key}: {exc}") from None
 
+    async def create(self, key: str, value: bytes) -> bool:
+        """Store `value` under `key` unless the key holds a value already; True if stored."""
+        try:
+            await self._kv.create(key, value)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False
+        except nats.errors.Error as exc:
+            raise BusError(f"create {self.bucket}/{key}: {exc}") from None
+        return True
+
     async def delete(self, key: str) -> None:
         """Delete `key` (watchers see a delete marker)."""
         try:
@@ -505,6 +506,24 @@ _STREAM_FIELDS = (
     "max_msgs_per_subject", "storage", "num_replicas", "duplicate_window", "allow_msg_counter",
 )  # fmt: skip
 _CONSUMER_FIELDS = ("filter_subjects", "max_ack_pending", "ack_wait", "max_deliver", "ack_policy")
+
+
+def _consumer_view(info: api.ConsumerInfo) -> ConsumerView:
+    cfg = info.config
+    subjects = tuple(cfg.filter_subjects or ([cfg.filter_subject] if cfg.filter_subject else []))
+    return ConsumerView(
+        name=info.name,
+        subjects=subjects,
+        created=info.created.timestamp() if info.created else 0.0,
+        state=ConsumerState(
+            pending=info.num_pending or 0,
+            ack_pending=info.num_ack_pending or 0,
+            redelivered=info.num_redelivered or 0,
+            waiting=info.num_waiting or 0,
+            ack_floor=(info.ack_floor.stream_seq or 0) if info.ack_floor else 0,
+            delivered=(info.delivered.stream_seq or 0) if info.delivered else 0,
+        ),
+    )
 
 
 def _stream_config(spec: StreamSpec) -> api.StreamConfig:
