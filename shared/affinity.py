@@ -16,7 +16,9 @@ new one on a work-queue stream is delivered exactly the messages nobody has acke
 
 An instance taking over from one that fell silent for `failover_after` deletes the silent
 one's consumer, which frees its un-acked messages at once. A stopping instance deletes its
-own consumer and key, so the others take over without waiting.
+own consumer and key, so the others take over without waiting. Before any consumer is
+deleted, the messages it holds un-acked are recorded in the attempt log (shared.attempts), so
+that their attempts keep counting under the next owner.
 """
 
 import asyncio
@@ -28,7 +30,8 @@ from collections.abc import Awaitable, Callable
 import orjson
 
 from shared.assignment import rebalance
-from shared.bus import Bus, KeyValueStore, Puller, StoredMessage
+from shared.attempts import AttemptLog
+from shared.bus import Bus, ConsumerView, KeyValueStore, Puller, StoredMessage
 from shared.errors import SubjectTaken
 from shared.settings import Settings
 from shared.stage import StageSpec
@@ -58,6 +61,8 @@ class Affinity:
         self.changed = asyncio.Event()
         """Set whenever `owned` changes."""
         self.puller: Puller | None = None
+        self.attempts = AttemptLog(bus, settings, spec)
+        """Attempt counts of the messages this instance may get, across consumers."""
         self._bus = bus
         self._settings = settings
         self._cfg = settings.affinity
@@ -84,6 +89,7 @@ class Affinity:
         self._kv = await self._bus.key_value(
             self._topology.members_bucket(), ttl=self._cfg.failover_after, storage=s.storage
         )
+        await self.attempts.open()
         self._sub = await self._bus.subscribe_core(self._kv.subject(f"{self.spec.name}.*"))
         now = time.monotonic()
         for key, value in (await self._kv.items(f"{self.spec.name}.")).items():
@@ -109,7 +115,7 @@ class Affinity:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
         with contextlib.suppress(Exception):
-            await self._bus.delete_consumer(self._stream, self._name)
+            await self._release(self._name)
         if self._kv is not None:
             with contextlib.suppress(Exception):
                 await self._kv.delete(self._key)
@@ -224,7 +230,7 @@ class Affinity:
         # and one narrowed in place would still redeliver (after their nak delay) messages of
         # partitions that have a new owner. Deleting frees its un-acked messages for whoever
         # owns their partition now.
-        await self._bus.delete_consumer(self._stream, self._name)
+        await self._release(self._name)
         self._consumer_ok = False
         previous, self.owned = self.owned, ()
         if partitions:
@@ -235,8 +241,10 @@ class Affinity:
                 if previous and set(previous) <= partitions:  # keep what we had meanwhile
                     keep = self._topology.consumer(self.spec, self.instance, previous)
                     await self._bus.ensure_consumer(keep)
+                    await self.attempts.load()
                     self.owned, self._consumer_ok = previous, True
                 raise
+            await self.attempts.load()
             self._consumer_ok = True
             if self.puller is None:
                 self.puller = await self._bus.pull(spec)
@@ -259,7 +267,15 @@ class Affinity:
                     continue  # still announcing: only this instance lost sight of it
                 log.info("%s: removing consumer %s of a silent instance", self.instance,
                          consumer.name)  # fmt: skip
-                await self._bus.delete_consumer(self._stream, consumer.name)
+                await self._release(consumer.name, consumer)
+
+    async def _release(self, name: str, consumer: ConsumerView | None = None) -> None:
+        # Record what the consumer holds un-acked before deleting it frees those messages.
+        if consumer is None:
+            consumer = await self._bus.consumer(self._stream, name)
+        if consumer is not None and consumer.state.delivered > consumer.state.ack_floor:
+            await self.attempts.record_unsettled(consumer)
+        await self._bus.delete_consumer(self._stream, name)
 
     async def _held_by_others(self) -> set[int]:
         held: set[int] = set()

@@ -1,6 +1,6 @@
 """What to do with a message whose handling failed: a pure function, tested as a table.
 
-The runtime calls `decide` with the error, the delivery count and the stage's retry settings,
+The runtime calls `decide` with the error, the attempt number and the stage's retry settings,
 and carries out the answer: redeliver after a delay, or dead-letter with a reason.
 """
 
@@ -57,12 +57,12 @@ def describe(error: BaseException) -> str:
 
 
 def decide(
-    error: BaseException, delivered: int, max_deliver: int, backoff: list[float]
+    error: BaseException, attempt: int, max_deliver: int, backoff: list[float]
 ) -> Retry | DeadLetter:
-    """Choose between a delayed retry and the dead-letter stream for a failed delivery.
+    """Choose between a delayed retry and the dead-letter stream for a failed attempt.
 
-    `delivered` counts from 1. Errors that no retry can fix are dead-lettered at once; anything
-    else is retried with the backoff schedule until the `max_deliver`-th delivery fails.
+    `attempt` counts from 1. Errors that no retry can fix are dead-lettered at once; anything
+    else is retried with the backoff schedule until the `max_deliver`-th attempt fails.
     """
     if isinstance(error, InvalidMessage):
         return DeadLetter(Reason.INVALID, str(error))
@@ -70,8 +70,8 @@ def decide(
         return DeadLetter(Reason.BACKPRESSURE, describe(error))
     if isinstance(error, Expired):
         return DeadLetter(Reason.EXPIRED, str(error))
-    if isinstance(error, Reject | Abandoned) or delivered >= max_deliver:
+    if isinstance(error, Reject | Abandoned) or attempt >= max_deliver:
         return DeadLetter(Reason.FAILED, describe(error))
     if not backoff:
         return Retry(0.0)
-    return Retry(backoff[min(delivered, len(backoff)) - 1])
+    return Retry(backoff[min(attempt, len(backoff)) - 1])

@@ -17,10 +17,12 @@ from pydantic import BaseModel
 
 from shared import deadletter
 from shared.affinity import Affinity
+from shared.attempts import AttemptLog
 from shared.bus import Bus, Delivery
 from shared.envelope import Envelope, Hop, decode, encode
 from shared.errors import BusError, MessageTooLarge
 from shared.failure import Abandoned, DeadLetter, Expired, Retry, decide
+from shared.gate import Gate
 from shared.settings import Settings
 from shared.stage import Handler, StageSpec
 from shared.topology import Topology
@@ -32,6 +34,8 @@ FETCH_WAIT = 1.0
 """Longest a fetch waits for messages; also bounds how long a stop takes to be noticed."""
 REFILL_WAIT = 0.005
 """How long free slots wait for more to free up before a smaller fetch fills them."""
+ISOLATE_AFTER = 2
+"""Recorded attempts after which a suspect message is handled with nothing else in flight."""
 
 
 class StageRuntime:
@@ -52,6 +56,8 @@ class StageRuntime:
         self._stopping = asyncio.Event()
         self._inflight: dict[Delivery, float] = {}
         self.affinity: Affinity | None = None
+        self._attempts: AttemptLog | None = None
+        self._gate = Gate()
         self.last_loop = time.monotonic()
         """When the fetch loop last went round: a loop that stops turning is unhealthy."""
 
@@ -83,6 +89,7 @@ class StageRuntime:
         affinity = Affinity(self._bus, self._settings, self.spec, self.instance, quiesce)
         await affinity.start()
         self.affinity = affinity
+        self._attempts = affinity.attempts
         heartbeat = asyncio.create_task(self._keep_alive())
         limit, batch = self._cfg.concurrency, self._cfg.batch
         # Refill in sizeable fetches: topping up one slot at a time costs a round trip per
@@ -145,14 +152,62 @@ class StageRuntime:
     async def _process(self, delivery: Delivery) -> None:
         received = time.time()
         self._inflight[delivery] = received
+        attempts = self._attempts
+        seq = delivery.stream_seq
+        prior = attempts.prior(seq, delivery.headers) if attempts is not None else 0
+        try:
+            if prior == 0:  # nearly every message
+                if not self._gate.try_enter():
+                    await self._gate.enter()
+                try:
+                    await self._attempt(delivery, received, delivery.delivered)
+                finally:
+                    self._gate.leave()
+            elif await self._suspect(delivery, received, prior):
+                assert attempts is not None
+                await attempts.settled(seq)
+        finally:
+            del self._inflight[delivery]
+
+    async def _suspect(self, delivery: Delivery, received: float, prior: int) -> bool:
+        """Handle a message that was in flight when an earlier consumer went away.
+
+        Its attempt is recorded before it starts, so a crash now still counts; once it has
+        been through two such losses it runs alone, so that a crash takes no innocent
+        message's attempt with it. True if it was settled for good.
+        """
+        if prior >= ISOLATE_AFTER:
+            async with self._gate.exclusive():
+                return await self._recorded_attempt(delivery, received, prior)
+        await self._gate.enter()
+        try:
+            return await self._recorded_attempt(delivery, received, prior)
+        finally:
+            self._gate.leave()
+
+    async def _recorded_attempt(self, delivery: Delivery, received: float, prior: int) -> bool:
+        assert self._attempts is not None
+        attempt = prior + delivery.delivered
+        if attempt <= self._cfg.max_deliver:
+            try:
+                await self._attempts.started(delivery.stream_seq, delivery.headers, attempt)
+            except BusError as exc:  # unrecorded, a crash would go uncounted: try again later
+                log.warning("%s: cannot record attempt: %s; retrying", self.instance, exc)
+                with contextlib.suppress(Exception):
+                    await delivery.nak(delay=1.0)
+                return False
+        return await self._attempt(delivery, received, attempt)
+
+    async def _attempt(self, delivery: Delivery, received: float, attempt: int) -> bool:
+        """Handle one delivery, which is attempt number `attempt`; True if it was settled."""
         envelope: Envelope | None = None
         try:
-            if delivery.delivered > self._cfg.max_deliver:
-                raise Abandoned(
-                    f"delivered {delivery.delivered} times without being settled: "
-                    "the stage died or timed out while handling it"
-                )
             envelope = decode(delivery.data, Envelope, self._max_bytes)
+            if attempt > self._cfg.max_deliver:
+                raise Abandoned(
+                    f"attempt {attempt} of at most {self._cfg.max_deliver}: the earlier ones "
+                    "ended without a result (the stage died, was stopped or timed out)"
+                )
             if envelope.deadline is not None and envelope.deadline < received:
                 late = received - envelope.deadline
                 raise Expired(f"deadline passed {late:.3f}s before {self.spec.name} received it")
@@ -162,10 +217,9 @@ class StageRuntime:
                 output, trace_headers = await self._handler(envelope), None
             await self._forward(envelope, output, received, trace_headers)
             await delivery.ack()
+            return True
         except Exception as exc:  # any failure becomes a retry or a dead letter, never a crash
-            await self._settle_failure(delivery, envelope, exc)
-        finally:
-            del self._inflight[delivery]
+            return await self._settle_failure(delivery, envelope, exc, attempt)
 
     async def _traced(
         self, delivery: Delivery, envelope: Envelope
@@ -211,28 +265,30 @@ class StageRuntime:
         )
 
     async def _settle_failure(
-        self, delivery: Delivery, envelope: Envelope | None, exc: Exception
-    ) -> None:
-        action = decide(exc, delivery.delivered, self._cfg.max_deliver, self._cfg.backoff)
+        self, delivery: Delivery, envelope: Envelope | None, exc: Exception, attempt: int
+    ) -> bool:
+        """Retry or dead-letter after a failed attempt; True if the message left for good."""
+        action = decide(exc, attempt, self._cfg.max_deliver, self._cfg.backoff)
         try:
             if isinstance(action, Retry):
                 log.debug("%s: retry in %.1fs after %r", self.instance, action.delay, exc)
                 await delivery.nak(delay=action.delay)
-            else:
-                await self._dead_letter(delivery, envelope, action)
+                return False
+            return await self._dead_letter(delivery, envelope, action, attempt)
         except Exception as settle_exc:
             # Neither acked nor nak'ed: the server redelivers after ack_wait. Nothing is lost.
             log.warning("%s: could not settle message: %s", self.instance, settle_exc)
+            return False
 
     async def _dead_letter(
-        self, delivery: Delivery, envelope: Envelope | None, action: DeadLetter
-    ) -> None:
+        self, delivery: Delivery, envelope: Envelope | None, action: DeadLetter, attempt: int
+    ) -> bool:
         headers = deadletter.entry_headers(
             reason=action.reason,
             error=action.error,
             stage=self.spec.name,
             subject=delivery.subject,
-            delivered=delivery.delivered,
+            delivered=attempt,
             request_id=envelope.request_id if envelope else None,
             session_id=envelope.session_id if envelope else None,
             original=delivery.headers,
@@ -258,13 +314,14 @@ class StageRuntime:
                 # redelivery) until the dead-letter stream has room again.
                 if self._stopping.is_set():
                     await delivery.nak()
-                    return
+                    return False
                 log.warning("%s: dead-letter stream refused entry (%s); retrying in %.1fs",
                             self.instance, exc, wait)  # fmt: skip
                 await asyncio.sleep(wait)
                 wait = min(wait * 2, 10.0)
         await delivery.ack()
         log.debug("%s: dead-lettered (%s): %s", self.instance, action.reason, action.error)
+        return True
 
     async def _keep_alive(self) -> None:
         # Long handlers (model calls) must not outlive ack_wait, or the message is redelivered

@@ -182,3 +182,7 @@ class Topology:
     def members_bucket(self) -> str:
         """The key-value bucket where stage instances announce themselves."""
         return f"{self.settings.stream_prefix}_MEMBERS"
+
+    def attempts_bucket(self) -> str:
+        """The key-value bucket that counts attempts across consumers (shared.attempts)."""
+        return f"{self.settings.stream_prefix}_ATTEMPTS"

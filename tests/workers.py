@@ -10,7 +10,8 @@ from shared.workers import EchoWorker
 
 
 class PoisonWorker(EchoWorker):
-    """Echoes, but fails on prompts containing `poison` until the cure file exists.
+    """Echoes, but fails on prompts containing `poison`, and kills its process on prompts
+    containing `crash`, until the cure file exists.
 
     Every call is appended to $POISON_LOG (one JSON string per line), so tests can count
     attempts from outside the process.
@@ -26,7 +27,10 @@ class PoisonWorker(EchoWorker):
         if self.log is not None:
             with self.log.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(prompt) + "\n")
-        if "poison" in prompt and not (self.cure and self.cure.exists()):
+        cured = self.cure is not None and self.cure.exists()
+        if "crash" in prompt and not cured:
+            os._exit(70)  # as a segfault in native code would: no cleanup, no goodbye
+        if "poison" in prompt and not cured:
             raise RuntimeError("poisoned input")
         async for token in super().stream(prompt, session_id=session_id):
             yield token

@@ -174,6 +174,59 @@ async def test_poison_is_dead_lettered_after_max_deliver_then_replayed(nats_serv
     assert a.balanced
 
 
+async def test_a_message_that_kills_its_stage_is_dead_lettered_across_restarts(
+    nats_server, mesh, tmp_path
+):
+    # Each crash ends the process, and with it the consumer that counted the deliveries;
+    # every restart is a new instance with a new consumer.
+    env, procs = mesh(**poison_env(
+        tmp_path,
+        ORCH_STAGES__INFERENCE__MAX_DELIVER="3",
+        ORCH_AFFINITY__HEARTBEAT="0.2",
+        ORCH_AFFINITY__FAILOVER_AFTER="1.0",
+    ))  # fmt: skip
+    settings = settings_for(env)
+    await wait_until_consuming(nats_server.url, settings)
+    inference = procs["inference"]
+    exits: list[int] = []
+
+    async def supervise() -> None:  # restart the stage whenever it dies, as a supervisor does
+        while True:
+            await asyncio.sleep(0.1)
+            assert inference.proc is not None
+            if (code := inference.proc.poll()) is not None:
+                exits.append(code)
+                inference.start()
+
+    supervisor = asyncio.create_task(supervise())
+    try:
+        client = await Client.connect(settings, nats_server.url)
+        try:
+            texts = [f"healthy {i}" for i in range(24)]
+            texts.insert(5, "crash the stage")
+            ids = {await client.publish(t, f"sess-{i % 3}"): t for i, t in enumerate(texts)}
+        finally:
+            await client.close()
+        status = await wait_quiet(nats_server.url, settings, timeout=90)
+    finally:
+        supervisor.cancel()
+    crash = next(rid for rid, t in ids.items() if t.startswith("crash"))
+
+    entries = await dead_letters(nats_server.url, settings)
+    assert [(e.request_id, e.reason, e.stage) for e in entries] == [(crash, "failed", "inference")]
+    assert entries[0].error.startswith("Abandoned: attempt 4 of at most 3")
+    assert sum("Question: crash the stage\n" in c for c in calls(tmp_path)) == 3
+    assert exits == [70, 70, 70]
+    # Messages that were in flight beside it were not taken down with it.
+    assert await results_stored(nats_server.url, settings) == 24
+    a = status.accounts
+    assert (a.accepted, a.completed, a.dead_lettered, a.in_flight) == (25, 24, 1, 0)
+    assert a.balanced
+    async with await Bus.connect(nats_server.url, name="test-attempts") as bus:
+        kv = await bus.key_value(f"{settings.stream_prefix}_ATTEMPTS", ttl=3600, storage="file")
+        assert await kv.items("inference.") == {}  # settled messages leave no record behind
+
+
 async def test_replay_killed_midway_completes_without_duplicates(nats_server, mesh, tmp_path):
     env, _ = mesh(**poison_env(tmp_path, ORCH_STAGES__INFERENCE__MAX_DELIVER="1"))
     settings = settings_for(env)

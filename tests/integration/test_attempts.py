@@ -1,0 +1,53 @@
+"""The attempt log: what a removed consumer held un-acked is recorded, and nothing else."""
+
+from services.registry import STAGES
+from shared.attempts import AttemptLog
+from shared.bus import MSG_ID, Bus
+from shared.runner import declare
+from shared.settings import load_settings
+from shared.topology import Topology
+
+
+async def test_unsettled_messages_of_a_consumer_are_recorded_once(nats_server):
+    settings = load_settings(nats_url=nats_server.url)
+    topology = Topology(settings)
+    spec = STAGES["post"]
+    async with await Bus.connect(nats_server.url, name="t") as bus:
+        await declare(bus, settings)
+        # Partitions 0 and 1 belong to the consumer; partition 2 to nobody yet.
+        for i in range(12):
+            subject = topology.channel_subject(spec.input, i % 3)
+            await bus.publish(subject, b"{}", msg_id=f"m{i}")
+        consumer = topology.consumer(spec, "dead", [0, 1])
+        await bus.ensure_consumer(consumer)
+        puller = await bus.pull(consumer)
+        got = await puller.fetch(6, 2.0)  # m0 m1 m3 m4 m6 m7: partition 2 is not its
+        assert [d.headers[MSG_ID] for d in got] == ["m0", "m1", "m3", "m4", "m6", "m7"]
+        await got[0].ack()
+        await got[2].ack()
+        await got[3].nak(delay=30)  # waiting for a retry is unsettled too
+        await puller.close()
+
+        log = AttemptLog(bus, settings, spec)
+        await log.open()
+        view = await bus.consumer(consumer.stream, consumer.durable)
+        assert view is not None
+        assert await log.record_unsettled(view) == 4  # m1 m4 m6 m7; not m9 m10, never delivered
+        assert await log.record_unsettled(view) == 0  # recorded already: not counted twice
+        await bus.delete_consumer(consumer.stream, consumer.durable)
+
+        await log.load()
+        seqs = {d.headers[MSG_ID]: d.stream_seq for d in got}
+        for name, seq in seqs.items():
+            expected = 1 if name in ("m1", "m4", "m6", "m7") else 0
+            assert log.prior(seq, {MSG_ID: name}) == expected, name
+        # A record applies only to the message it was made for, not to a new one at that seq.
+        assert log.prior(seqs["m1"], {MSG_ID: "other"}) == 0
+
+        await log.started(seqs["m1"], {MSG_ID: "m1"}, 2)
+        await log.load()
+        assert log.prior(seqs["m1"], {MSG_ID: "m1"}) == 2
+        await log.settled(seqs["m1"])
+        await log.load()
+        assert log.prior(seqs["m1"], {MSG_ID: "m1"}) == 0
+        assert log.prior(seqs["m4"], {MSG_ID: "m4"}) == 1
