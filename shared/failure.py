@@ -31,6 +31,10 @@ class Abandoned(OrchestratorError):
     """A message came back more often than the handler may see it: its handling kept dying."""
 
 
+class HandlerTimeout(OrchestratorError):
+    """The handler took longer than the stage's `timeout` on one message (retried)."""
+
+
 class Reject(OrchestratorError):
     """Raised by a handler for a request that can never succeed: dead-letter it at once."""
 

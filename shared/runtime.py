@@ -21,7 +21,7 @@ from shared.attempts import AttemptLog
 from shared.bus import Bus, Delivery
 from shared.envelope import Envelope, Hop, decode, encode
 from shared.errors import BusError, MessageTooLarge
-from shared.failure import Abandoned, DeadLetter, Expired, Retry, decide
+from shared.failure import Abandoned, DeadLetter, Expired, HandlerTimeout, Retry, decide
 from shared.gate import Gate
 from shared.settings import Settings
 from shared.stage import Handler, StageSpec
@@ -214,12 +214,26 @@ class StageRuntime:
             if deadletter.TRACEPARENT in delivery.headers:
                 output, trace_headers = await self._traced(delivery, envelope)
             else:  # untraced messages pay nothing for tracing
-                output, trace_headers = await self._handler(envelope), None
+                output, trace_headers = await self._call(envelope), None
             await self._forward(envelope, output, received, trace_headers)
             await delivery.ack()
             return True
         except Exception as exc:  # any failure becomes a retry or a dead letter, never a crash
             return await self._settle_failure(delivery, envelope, exc, attempt)
+
+    async def _call(self, envelope: Envelope) -> BaseModel:
+        # A hung handler (a model server that never answers) would hold its slot, and the
+        # keep-alive would hold its message, until the process stops.
+        limit = asyncio.timeout(self._cfg.timeout)
+        try:
+            async with limit:
+                return await self._handler(envelope)
+        except TimeoutError:
+            if limit.expired():
+                raise HandlerTimeout(
+                    f"{self.spec.name} handler took longer than {self._cfg.timeout:g}s"
+                ) from None
+            raise
 
     async def _traced(
         self, delivery: Delivery, envelope: Envelope
@@ -238,7 +252,7 @@ class StageRuntime:
                 "orchestrator.instance": self.instance,
             },
         ):
-            output = await self._handler(envelope)
+            output = await self._call(envelope)
             carrier: dict[str, str] = {}
             propagate.inject(carrier)
         return output, carrier

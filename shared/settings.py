@@ -52,6 +52,8 @@ class StageSettings(_Section):
     ack_wait: float = Field(default=30.0, gt=0)
     max_deliver: int = Field(default=5, ge=1)
     backoff: list[float] = Field(default_factory=lambda: [1.0, 5.0, 30.0])
+    timeout: float = Field(default=300.0, gt=0)
+    """Longest the handler may take on one message; then that attempt fails and is retried."""
     instances: int = Field(default=1, ge=1, le=64)
     """How many processes of this stage `orchestrator up` starts."""
 

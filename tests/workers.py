@@ -1,5 +1,6 @@
 """Model workers for tests, loaded by stage processes as `tests.workers:<factory>`."""
 
+import asyncio
 import json
 import os
 from collections.abc import AsyncIterator
@@ -10,8 +11,8 @@ from shared.workers import EchoWorker
 
 
 class PoisonWorker(EchoWorker):
-    """Echoes, but fails on prompts containing `poison`, and kills its process on prompts
-    containing `crash`, until the cure file exists.
+    """Echoes, but until the cure file exists: fails on prompts containing `poison`, never
+    answers prompts containing `hang`, and kills its process on prompts containing `crash`.
 
     Every call is appended to $POISON_LOG (one JSON string per line), so tests can count
     attempts from outside the process.
@@ -32,6 +33,8 @@ class PoisonWorker(EchoWorker):
             os._exit(70)  # as a segfault in native code would: no cleanup, no goodbye
         if "poison" in prompt and not cured:
             raise RuntimeError("poisoned input")
+        if "hang" in prompt and not cured:
+            await asyncio.Event().wait()
         async for token in super().stream(prompt, session_id=session_id):
             yield token
 

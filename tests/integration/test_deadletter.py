@@ -227,6 +227,30 @@ async def test_a_message_that_kills_its_stage_is_dead_lettered_across_restarts(
         assert await kv.items("inference.") == {}  # settled messages leave no record behind
 
 
+async def test_a_hung_handler_times_out_and_is_dead_lettered(nats_server, mesh, tmp_path):
+    env, _ = mesh(**poison_env(
+        tmp_path,
+        ORCH_STAGES__INFERENCE__TIMEOUT="0.5",
+        ORCH_STAGES__INFERENCE__MAX_DELIVER="2",
+        ORCH_STAGES__INFERENCE__BACKOFF="[0.05]",
+    ))  # fmt: skip
+    settings = settings_for(env)
+    await wait_until_consuming(nats_server.url, settings)
+    client = await Client.connect(settings, nats_server.url)
+    try:
+        texts = ["hang forever", *(f"healthy {i}" for i in range(10))]
+        ids = {await client.publish(t, f"sess-{i % 2}"): t for i, t in enumerate(texts)}
+    finally:
+        await client.close()
+    status = await wait_quiet(nats_server.url, settings, timeout=60)
+    hung = next(rid for rid, t in ids.items() if t.startswith("hang"))
+    entries = await dead_letters(nats_server.url, settings)
+    assert [(e.request_id, e.reason, e.delivered) for e in entries] == [(hung, "failed", 2)]
+    assert entries[0].error == "HandlerTimeout: inference handler took longer than 0.5s"
+    assert sum("Question: hang forever\n" in c for c in calls(tmp_path)) == 2
+    assert (status.accounts.completed, status.accounts.dead_lettered) == (10, 1)
+
+
 async def test_replay_killed_midway_completes_without_duplicates(nats_server, mesh, tmp_path):
     env, _ = mesh(**poison_env(tmp_path, ORCH_STAGES__INFERENCE__MAX_DELIVER="1"))
     settings = settings_for(env)
