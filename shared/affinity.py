@@ -32,7 +32,7 @@ import orjson
 from shared.assignment import rebalance
 from shared.attempts import AttemptLog
 from shared.bus import Bus, ConsumerView, KeyValueStore, Puller, StoredMessage
-from shared.errors import SubjectTaken
+from shared.errors import BusError, SubjectTaken
 from shared.settings import Settings
 from shared.stage import StageSpec
 from shared.topology import Topology
@@ -115,7 +115,7 @@ class Affinity:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
         with contextlib.suppress(Exception):
-            await self._release(self._name)
+            await self._release(self._name, under_way=False)  # drained: nothing under way
         if self._kv is not None:
             with contextlib.suppress(Exception):
                 await self._kv.delete(self._key)
@@ -188,6 +188,7 @@ class Affinity:
     def check_consumer(self) -> None:
         """Ask for this instance's consumer to be verified (a fetch found it missing)."""
         self._retry = self._force = True
+        self._consumer_ok = False  # else the check would find nothing to do
 
     async def reconcile(self, pause: bool = True) -> None:
         """Bring this instance's consumer in line with the assignment for the live set."""
@@ -230,7 +231,7 @@ class Affinity:
         # and one narrowed in place would still redeliver (after their nak delay) messages of
         # partitions that have a new owner. Deleting frees its un-acked messages for whoever
         # owns their partition now.
-        await self._release(self._name)
+        await self._release(self._name, under_way=False)  # quiesced: nothing under way
         self._consumer_ok = False
         previous, self.owned = self.owned, ()
         if partitions:
@@ -267,14 +268,19 @@ class Affinity:
                     continue  # still announcing: only this instance lost sight of it
                 log.info("%s: removing consumer %s of a silent instance", self.instance,
                          consumer.name)  # fmt: skip
-                await self._release(consumer.name, consumer)
+                await self._release(consumer.name, under_way=True, consumer=consumer)
 
-    async def _release(self, name: str, consumer: ConsumerView | None = None) -> None:
+    async def _release(
+        self, name: str, *, under_way: bool, consumer: ConsumerView | None = None
+    ) -> None:
         # Record what the consumer holds un-acked before deleting it frees those messages.
-        if consumer is None:
-            consumer = await self._bus.consumer(self._stream, name)
-        if consumer is not None and consumer.state.delivered > consumer.state.ack_floor:
-            await self.attempts.record_unsettled(consumer)
+        try:
+            if consumer is None:
+                consumer = await self._bus.consumer(self._stream, name)
+            if consumer is not None and consumer.state.delivered > consumer.state.ack_floor:
+                await self.attempts.record_unsettled(consumer, under_way=under_way)
+        except BusError as exc:  # a takeover must not wait for the attempt log
+            log.warning("%s: could not record the attempts of %s: %s", self.instance, name, exc)
         await self._bus.delete_consumer(self._stream, name)
 
     async def _held_by_others(self) -> set[int]:

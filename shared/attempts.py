@@ -4,23 +4,27 @@ The server counts deliveries per consumer, and an instance's consumer does not o
 instance (nor a change of its partitions). A message whose handling crashes the process would
 come back to each new consumer as a first delivery, and crash every instance in turn, forever.
 
-So the messages a consumer held when it went away are recorded in the key-value bucket
-`<STREAM_PREFIX>_ATTEMPTS`, key `<stage>.<stream sequence>`, value the number of attempts
-they have had and the message's `Nats-Msg-Id` (so that a record left over from a purged
-stream never applies to a new message that reuses the sequence).
+So the messages a consumer holds un-acked when it is deleted are recorded in the key-value
+bucket `<STREAM_PREFIX>_ATTEMPTS`, key `<stage>.<stream sequence>`. A record keeps two counts:
 
-Whoever removes a consumer records each message it was given and never settled (on a
-work-queue stream: every message still stored between its ack floor and its last delivery)
-with one attempt, unless the message has a record already. An instance reads the records of
-its stage when it creates its consumer; from then on, before each attempt at such a "suspect"
-it writes the attempt's number, so a crash during the attempt is counted even though nobody
-sees it happen. A record is deleted when its message is settled.
+- `failures`: attempts that ended in an error and a retry (the handler raised, timed out);
+- `losses`: attempts cut off because the consumer went away while they were under way (the
+  instance died, or was judged dead): the ones that may have killed the process.
 
-Only suspects cost anything: for every other message the check is a dictionary lookup.
+and the message's `Nats-Msg-Id`, so that a record left over from a purged stream never applies
+to a new message that reuses the sequence. A record written before an attempt is marked open
+and rewritten closed when the attempt fails cleanly; an open record found by the next owner
+is a loss. Whoever deletes a dead instance's consumer records each message it held without
+a record as open (it may have been under way); an instance deleting its own consumer, with
+nothing under way, records them as one closed failure (they were waiting for a retry).
+
+Only messages with a record ("suspects") cost anything; for every other message the check is
+a dictionary lookup.
 """
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import orjson
 
@@ -36,6 +40,16 @@ RECORD_TTL = 7 * 24 * 3600.0
 """How long a record outlives its last write: a safety net for records of purged messages."""
 
 
+@dataclass(frozen=True)
+class Prior:
+    """What a message went through under earlier consumers."""
+
+    failures: int
+    """Attempts that failed cleanly and were retried."""
+    losses: int
+    """Attempts cut off by the loss of the consumer (possibly crashes)."""
+
+
 class AttemptLog:
     """The attempt records of one stage's input stream, as one instance sees them."""
 
@@ -47,7 +61,7 @@ class AttemptLog:
         self._stream = topology.stream_name(spec.input)
         self._prefix = f"{spec.name}."
         self._kv: KeyValueStore | None = None
-        self._prior: dict[int, tuple[int, str]] = {}
+        self._prior: dict[int, tuple[Prior, str]] = {}
 
     async def open(self) -> None:
         """Create (or bind to) the bucket."""
@@ -55,27 +69,37 @@ class AttemptLog:
             self._bucket, ttl=RECORD_TTL, storage=self._settings.storage
         )
 
-    def prior(self, seq: int, headers: Mapping[str, str]) -> int:
-        """Attempts the message at `seq` had before the current consumer was created."""
-        record = self._prior.get(seq)
-        if record is None or record[1] != headers.get(MSG_ID, ""):
-            return 0
-        return record[0]
+    def prior(self, seq: int, headers: Mapping[str, str]) -> Prior | None:
+        """What the message at `seq` went through before the current consumer, if anything."""
+        found = self._prior.get(seq)
+        if found is None or found[1] != headers.get(MSG_ID, ""):
+            return None
+        return found[0]
 
     async def load(self) -> None:
         """Read this stage's records: call whenever the instance's consumer is created."""
-        prior: dict[int, tuple[int, str]] = {}
+        prior: dict[int, tuple[Prior, str]] = {}
         for key, value in (await self._store().items(self._prefix)).items():
             try:
-                record = orjson.loads(value)
-                prior[int(key.removeprefix(self._prefix))] = (int(record["n"]), str(record["id"]))
+                r = orjson.loads(value)
+                losses = int(r["l"]) + (1 if r["open"] else 0)  # open: cut off mid-attempt
+                seq = int(key.removeprefix(self._prefix))
+                prior[seq] = (Prior(int(r["f"]), losses), str(r["id"]))
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 log.warning("ignoring malformed attempt record %s=%r", key, value)
         self._prior = prior
 
-    async def started(self, seq: int, headers: Mapping[str, str], attempt: int) -> None:
-        """Record, before it begins, that attempt number `attempt` at `seq` is under way."""
-        await self._store().put(self._key(seq), _record(attempt, headers))
+    async def started(
+        self, seq: int, headers: Mapping[str, str], prior: Prior, failures: int
+    ) -> None:
+        """Record, before it begins, that an attempt is under way (after `failures`)."""
+        await self._store().put(self._key(seq), _record(headers, failures, prior.losses, True))
+
+    async def failed(
+        self, seq: int, headers: Mapping[str, str], prior: Prior, failures: int
+    ) -> None:
+        """Record that the attempt ended in a clean failure; `failures` now counts it."""
+        await self._store().put(self._key(seq), _record(headers, failures, prior.losses, False))
 
     async def settled(self, seq: int) -> None:
         """Forget `seq`: its message was acked or dead-lettered. Best effort."""
@@ -86,25 +110,30 @@ class AttemptLog:
         except BusError as exc:  # the record expires by itself; a stale one only costs a lookup
             log.debug("could not delete attempt record %s: %s", seq, exc)
 
-    async def record_unsettled(self, consumer: ConsumerView) -> int:
-        """Give each message `consumer` holds un-acked one attempt, unless already recorded.
+    async def record_unsettled(self, consumer: ConsumerView, *, under_way: bool) -> int:
+        """Record each message `consumer` holds un-acked and has no record yet.
 
+        `under_way`: the consumer's instance may have been handling them (it is dead), so
+        each counts as a loss; otherwise each counts as one failure (it waits for a retry).
         Call before deleting the consumer; returns how many records were created.
         """
         last, floor = consumer.state.delivered, consumer.state.ack_floor
+        failures = 0 if under_way else 1
         created = 0
+        # On a work-queue stream every message still stored between the ack floor and the
+        # last delivery, on the consumer's subjects, was delivered to it and not acked.
         for subject in consumer.subjects:
             seq = floor + 1
             while seq <= last:
                 msg = await self._bus.message_at(self._stream, seq, subject)
                 if msg is None or msg.seq > last:
                     break
-                if await self._store().create(self._key(msg.seq), _record(1, msg.headers)):
+                record = _record(msg.headers, failures, 0, under_way)
+                if await self._store().create(self._key(msg.seq), record):
                     created += 1
                 seq = msg.seq + 1
         if created:
-            log.info("recorded an attempt for %d unsettled messages of %s", created,
-                     consumer.name)  # fmt: skip
+            log.info("recorded %d unsettled messages of %s", created, consumer.name)
         return created
 
     def _key(self, seq: int) -> str:
@@ -116,5 +145,7 @@ class AttemptLog:
         return self._kv
 
 
-def _record(attempts: int, headers: Mapping[str, str]) -> bytes:
-    return orjson.dumps({"n": attempts, "id": headers.get(MSG_ID, "")})
+def _record(headers: Mapping[str, str], failures: int, losses: int, under_way: bool) -> bytes:
+    return orjson.dumps(
+        {"id": headers.get(MSG_ID, ""), "f": failures, "l": losses, "open": under_way}
+    )

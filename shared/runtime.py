@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from shared import deadletter
 from shared.affinity import Affinity
-from shared.attempts import AttemptLog
+from shared.attempts import AttemptLog, Prior
 from shared.bus import Bus, Delivery
 from shared.envelope import Envelope, Hop, decode, encode
 from shared.errors import BusError, MessageTooLarge
@@ -35,7 +35,8 @@ FETCH_WAIT = 1.0
 REFILL_WAIT = 0.005
 """How long free slots wait for more to free up before a smaller fetch fills them."""
 ISOLATE_AFTER = 2
-"""Recorded attempts after which a suspect message is handled with nothing else in flight."""
+"""Attempts cut off by a lost consumer after which a message runs with nothing else under way
+(fewer when `max_deliver` is lower: innocent neighbours must never reach the limit)."""
 
 
 class StageRuntime:
@@ -58,6 +59,9 @@ class StageRuntime:
         self.affinity: Affinity | None = None
         self._attempts: AttemptLog | None = None
         self._gate = Gate()
+        # A message under way beside one that keeps killing the process is cut off at most
+        # this many times before that one runs alone: it must stay below max_deliver.
+        self._isolate_after = max(1, min(ISOLATE_AFTER, self._cfg.max_deliver - 1))
         self.last_loop = time.monotonic()
         """When the fetch loop last went round: a loop that stops turning is unhealthy."""
 
@@ -153,10 +157,9 @@ class StageRuntime:
         received = time.time()
         self._inflight[delivery] = received
         attempts = self._attempts
-        seq = delivery.stream_seq
-        prior = attempts.prior(seq, delivery.headers) if attempts is not None else 0
+        prior = attempts.prior(delivery.stream_seq, delivery.headers) if attempts else None
         try:
-            if prior == 0:  # nearly every message
+            if prior is None:  # nearly every message
                 if not self._gate.try_enter():
                     await self._gate.enter()
                 try:
@@ -165,18 +168,17 @@ class StageRuntime:
                     self._gate.leave()
             elif await self._suspect(delivery, received, prior):
                 assert attempts is not None
-                await attempts.settled(seq)
+                await attempts.settled(delivery.stream_seq)
         finally:
             del self._inflight[delivery]
 
-    async def _suspect(self, delivery: Delivery, received: float, prior: int) -> bool:
-        """Handle a message that was in flight when an earlier consumer went away.
+    async def _suspect(self, delivery: Delivery, received: float, prior: Prior) -> bool:
+        """Handle a message that an earlier consumer held un-acked; True once it is settled.
 
-        Its attempt is recorded before it starts, so a crash now still counts; once it has
-        been through two such losses it runs alone, so that a crash takes no innocent
-        message's attempt with it. True if it was settled for good.
+        Once it has been cut off mid-attempt `isolate_after` times it runs alone, so that if
+        it kills the process again no other message is under way to be cut off with it.
         """
-        if prior >= ISOLATE_AFTER:
+        if prior.losses >= self._isolate_after:
             async with self._gate.exclusive():
                 return await self._recorded_attempt(delivery, received, prior)
         await self._gate.enter()
@@ -185,28 +187,49 @@ class StageRuntime:
         finally:
             self._gate.leave()
 
-    async def _recorded_attempt(self, delivery: Delivery, received: float, prior: int) -> bool:
+    async def _recorded_attempt(self, delivery: Delivery, received: float, prior: Prior) -> bool:
         assert self._attempts is not None
-        attempt = prior + delivery.delivered
-        if attempt <= self._cfg.max_deliver:
-            try:
-                await self._attempts.started(delivery.stream_seq, delivery.headers, attempt)
-            except BusError as exc:  # unrecorded, a crash would go uncounted: try again later
-                log.warning("%s: cannot record attempt: %s; retrying", self.instance, exc)
-                with contextlib.suppress(Exception):
-                    await delivery.nak(delay=1.0)
-                return False
-        return await self._attempt(delivery, received, attempt)
+        failures = prior.failures + delivery.delivered - 1
+        if prior.losses < self._cfg.max_deliver and failures < self._cfg.max_deliver:
+            # Written before the attempt starts, so that a crash during it still counts.
+            wait = 0.5
+            while True:
+                try:
+                    await self._attempts.started(
+                        delivery.stream_seq, delivery.headers, prior, failures
+                    )
+                    break
+                except BusError as exc:
+                    # Held (the keep-alive stops redelivery), not nak'ed: a nak would spend a
+                    # delivery on an attempt that never ran.
+                    if self._stopping.is_set():
+                        return False
+                    log.warning("%s: cannot record attempt (%s); retrying in %.1fs",
+                                self.instance, exc, wait)  # fmt: skip
+                    await asyncio.sleep(wait)
+                    wait = min(wait * 2, 10.0)
+        return await self._attempt(delivery, received, failures + 1, prior)
 
-    async def _attempt(self, delivery: Delivery, received: float, attempt: int) -> bool:
-        """Handle one delivery, which is attempt number `attempt`; True if it was settled."""
+    async def _attempt(
+        self, delivery: Delivery, received: float, attempt: int, prior: Prior | None = None
+    ) -> bool:
+        """Handle one delivery; True if it was settled (acked or dead-lettered).
+
+        `attempt` counts the attempts that failed cleanly before, plus this one; `prior`
+        holds what earlier consumers recorded for a suspect.
+        """
         envelope: Envelope | None = None
         try:
             envelope = decode(delivery.data, Envelope, self._max_bytes)
+            if prior is not None and prior.losses >= self._cfg.max_deliver:
+                raise Abandoned(
+                    f"cut off {prior.losses} times (at most {self._cfg.max_deliver}): the "
+                    "stage died or was stopped while handling it"
+                )
             if attempt > self._cfg.max_deliver:
                 raise Abandoned(
                     f"attempt {attempt} of at most {self._cfg.max_deliver}: the earlier ones "
-                    "ended without a result (the stage died, was stopped or timed out)"
+                    "ended without a result (the handler timed out or the stage was stopped)"
                 )
             if envelope.deadline is not None and envelope.deadline < received:
                 late = received - envelope.deadline
@@ -219,7 +242,7 @@ class StageRuntime:
             await delivery.ack()
             return True
         except Exception as exc:  # any failure becomes a retry or a dead letter, never a crash
-            return await self._settle_failure(delivery, envelope, exc, attempt)
+            return await self._settle_failure(delivery, envelope, exc, attempt, prior)
 
     async def _call(self, envelope: Envelope) -> BaseModel:
         # A hung handler (a model server that never answers) would hold its slot, and the
@@ -279,20 +302,36 @@ class StageRuntime:
         )
 
     async def _settle_failure(
-        self, delivery: Delivery, envelope: Envelope | None, exc: Exception, attempt: int
+        self,
+        delivery: Delivery,
+        envelope: Envelope | None,
+        exc: Exception,
+        attempt: int,
+        prior: Prior | None,
     ) -> bool:
         """Retry or dead-letter after a failed attempt; True if the message left for good."""
         action = decide(exc, attempt, self._cfg.max_deliver, self._cfg.backoff)
         try:
             if isinstance(action, Retry):
                 log.debug("%s: retry in %.1fs after %r", self.instance, action.delay, exc)
+                if prior is not None and self._attempts is not None:
+                    await self._close_record(delivery, prior, attempt)
                 await delivery.nak(delay=action.delay)
                 return False
-            return await self._dead_letter(delivery, envelope, action, attempt)
+            losses = prior.losses if prior is not None else 0
+            return await self._dead_letter(delivery, envelope, action, attempt + losses)
         except Exception as settle_exc:
             # Neither acked nor nak'ed: the server redelivers after ack_wait. Nothing is lost.
             log.warning("%s: could not settle message: %s", self.instance, settle_exc)
             return False
+
+    async def _close_record(self, delivery: Delivery, prior: Prior, failures: int) -> None:
+        # Before the nak: once redelivered, the next attempt writes its own record.
+        assert self._attempts is not None
+        try:
+            await self._attempts.failed(delivery.stream_seq, delivery.headers, prior, failures)
+        except BusError as exc:  # left open, the attempt would later count as a loss
+            log.warning("%s: cannot record a failed attempt: %s", self.instance, exc)
 
     async def _dead_letter(
         self, delivery: Delivery, envelope: Envelope | None, action: DeadLetter, attempt: int

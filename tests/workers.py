@@ -13,6 +13,7 @@ from shared.workers import EchoWorker
 class PoisonWorker(EchoWorker):
     """Echoes, but until the cure file exists: fails on prompts containing `poison`, never
     answers prompts containing `hang`, and kills its process on prompts containing `crash`.
+    A prompt containing `flaky` fails on its first call only.
 
     Every call is appended to $POISON_LOG (one JSON string per line), so tests can count
     attempts from outside the process.
@@ -29,6 +30,10 @@ class PoisonWorker(EchoWorker):
             with self.log.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(prompt) + "\n")
         cured = self.cure is not None and self.cure.exists()
+        if "flaky" in prompt and self.log is not None:
+            seen = self.log.read_text(encoding="utf-8").splitlines().count(json.dumps(prompt))
+            if seen == 1:
+                raise RuntimeError("flaky on its first call")
         if "crash" in prompt and not cured:
             os._exit(70)  # as a segfault in native code would: no cleanup, no goodbye
         if "poison" in prompt and not cured:

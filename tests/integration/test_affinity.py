@@ -156,3 +156,20 @@ async def test_a_new_instance_takes_a_fair_share_and_only_those_sessions_move(
         p = partition_of(session, settings.partitions)
         assert instances == {next(i for i, ps in after.items() if p in ps)}, session
     assert all(code == 0 for code in codes), codes
+
+
+async def test_a_consumer_deleted_from_outside_is_recreated(nats_server, mesh):
+    # E.g. removed by another instance that wrongly judged this one dead after a stall.
+    env, _ = mesh(**FAST_FAILOVER)
+    settings = settings_for(env)
+    await wait_until_consuming(nats_server.url, settings)
+    stream = f"{settings.stream_prefix}_INFERENCE"
+    async with await Bus.connect(nats_server.url, name="test") as bus:
+        [consumer] = await bus.consumers(stream)
+        assert await bus.delete_consumer(stream, consumer.name)
+    client = await Client.connect(settings, nats_server.url)
+    try:
+        result = await client.ask("still there?", "s", timeout=30)
+    finally:
+        await client.close()
+    assert result.output.endswith("Question: still there? Answer:")

@@ -1,7 +1,7 @@
 """The attempt log: what a removed consumer held un-acked is recorded, and nothing else."""
 
 from services.registry import STAGES
-from shared.attempts import AttemptLog
+from shared.attempts import AttemptLog, Prior
 from shared.bus import MSG_ID, Bus
 from shared.runner import declare
 from shared.settings import load_settings
@@ -32,22 +32,49 @@ async def test_unsettled_messages_of_a_consumer_are_recorded_once(nats_server):
         await log.open()
         view = await bus.consumer(consumer.stream, consumer.durable)
         assert view is not None
-        assert await log.record_unsettled(view) == 4  # m1 m4 m6 m7; not m9 m10, never delivered
-        assert await log.record_unsettled(view) == 0  # recorded already: not counted twice
+        # Its instance died: m1 m4 m6 m7 may have been under way; m9 m10 were never delivered.
+        assert await log.record_unsettled(view, under_way=True) == 4
+        assert await log.record_unsettled(view, under_way=True) == 0  # never counted twice
         await bus.delete_consumer(consumer.stream, consumer.durable)
 
         await log.load()
         seqs = {d.headers[MSG_ID]: d.stream_seq for d in got}
         for name, seq in seqs.items():
-            expected = 1 if name in ("m1", "m4", "m6", "m7") else 0
+            expected = Prior(0, 1) if name in ("m1", "m4", "m6", "m7") else None
             assert log.prior(seq, {MSG_ID: name}) == expected, name
         # A record applies only to the message it was made for, not to a new one at that seq.
-        assert log.prior(seqs["m1"], {MSG_ID: "other"}) == 0
+        assert log.prior(seqs["m1"], {MSG_ID: "other"}) is None
 
-        await log.started(seqs["m1"], {MSG_ID: "m1"}, 2)
+        m1, m4 = (seqs["m1"], {MSG_ID: "m1"}), (seqs["m4"], {MSG_ID: "m4"})
+        await log.started(*m1, Prior(0, 1), failures=0)  # under way: a loss if cut off
+        await log.started(*m4, Prior(0, 1), failures=0)
+        await log.failed(*m4, Prior(0, 1), failures=1)  # failed cleanly: no loss
         await log.load()
-        assert log.prior(seqs["m1"], {MSG_ID: "m1"}) == 2
+        assert log.prior(*m1) == Prior(0, 2)
+        assert log.prior(*m4) == Prior(1, 1)
         await log.settled(seqs["m1"])
         await log.load()
-        assert log.prior(seqs["m1"], {MSG_ID: "m1"}) == 0
-        assert log.prior(seqs["m4"], {MSG_ID: "m4"}) == 1
+        assert log.prior(*m1) is None
+        assert log.prior(*m4) == Prior(1, 1)
+
+
+async def test_a_stopping_instance_records_retries_as_failures_not_losses(nats_server):
+    settings = load_settings(nats_url=nats_server.url)
+    topology = Topology(settings)
+    spec = STAGES["post"]
+    async with await Bus.connect(nats_server.url, name="t") as bus:
+        await declare(bus, settings)
+        await bus.publish(topology.channel_subject(spec.input, 0), b"{}", msg_id="m0")
+        consumer = topology.consumer(spec, "leaving", [0])
+        await bus.ensure_consumer(consumer)
+        puller = await bus.pull(consumer)
+        [waiting] = await puller.fetch(1, 2.0)
+        await waiting.nak(delay=30)
+        await puller.close()
+        log = AttemptLog(bus, settings, spec)
+        await log.open()
+        view = await bus.consumer(consumer.stream, consumer.durable)
+        assert view is not None
+        assert await log.record_unsettled(view, under_way=False) == 1
+        await log.load()
+        assert log.prior(waiting.stream_seq, waiting.headers) == Prior(1, 0)
