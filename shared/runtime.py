@@ -34,6 +34,8 @@ FETCH_WAIT = 1.0
 """Longest a fetch waits for messages; also bounds how long a stop takes to be noticed."""
 REFILL_WAIT = 0.005
 """How long free slots wait for more to free up before a smaller fetch fills them."""
+WATCHDOG_PERIOD = 0.5
+"""How often handler deadlines are checked: a timeout fires up to this much late."""
 ISOLATE_AFTER = 2
 """Attempts cut off by a lost consumer after which a message runs with nothing else under way
 (fewer when `max_deliver` is lower: innocent neighbours must never reach the limit)."""
@@ -59,6 +61,8 @@ class StageRuntime:
         self.affinity: Affinity | None = None
         self._attempts: AttemptLog | None = None
         self._gate = Gate()
+        self._deadlines: dict[asyncio.Task[None], float] = {}
+        self._timed_out: set[asyncio.Task[None]] = set()
         # A message under way beside one that keeps killing the process is cut off at most
         # this many times before that one runs alone: it must stay below max_deliver.
         self._isolate_after = max(1, min(ISOLATE_AFTER, self._cfg.max_deliver - 1))
@@ -95,6 +99,7 @@ class StageRuntime:
         self.affinity = affinity
         self._attempts = affinity.attempts
         heartbeat = asyncio.create_task(self._keep_alive())
+        watchdog = asyncio.create_task(self._watchdog())
         limit, batch = self._cfg.concurrency, self._cfg.batch
         # Refill in sizeable fetches: topping up one slot at a time costs a round trip per
         # message. A free slot still gets work within REFILL_WAIT when handlers are slow.
@@ -151,6 +156,7 @@ class StageRuntime:
                     await asyncio.wait(tasks)
             finally:  # even when cancelled after drain_timeout, hand the partitions over
                 heartbeat.cancel()
+                watchdog.cancel()
                 await asyncio.shield(affinity.leave())
 
     async def _process(self, delivery: Delivery) -> None:
@@ -246,17 +252,27 @@ class StageRuntime:
 
     async def _call(self, envelope: Envelope) -> BaseModel:
         # A hung handler (a model server that never answers) would hold its slot, and the
-        # keep-alive would hold its message, until the process stops.
-        limit = asyncio.timeout(self._cfg.timeout)
+        # keep-alive would hold its message, until the process stops. The watchdog cancels
+        # it past its deadline: cheaper per message than an asyncio.timeout around each call.
+        task = asyncio.current_task()
+        assert task is not None
+        self._deadlines[task] = time.monotonic() + self._cfg.timeout
         try:
-            async with limit:
-                return await self._handler(envelope)
-        except TimeoutError:
-            if limit.expired():
+            output = await self._handler(envelope)
+        except asyncio.CancelledError:
+            if task in self._timed_out and task.cancelling() == 1:  # only the watchdog's
+                task.uncancel()
                 raise HandlerTimeout(
                     f"{self.spec.name} handler took longer than {self._cfg.timeout:g}s"
                 ) from None
             raise
+        else:
+            if task in self._timed_out:  # the handler swallowed the cancellation
+                task.uncancel()
+            return output
+        finally:
+            del self._deadlines[task]
+            self._timed_out.discard(task)
 
     async def _traced(
         self, delivery: Delivery, envelope: Envelope
@@ -375,6 +391,18 @@ class StageRuntime:
         await delivery.ack()
         log.debug("%s: dead-lettered (%s): %s", self.instance, action.reason, action.error)
         return True
+
+    async def _watchdog(self) -> None:
+        # While a task is listed in _deadlines it is suspended inside its handler (the entry
+        # goes as soon as the handler returns), so the cancellation lands there.
+        period = min(WATCHDOG_PERIOD, self._cfg.timeout / 4)
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for task, deadline in list(self._deadlines.items()):
+                if deadline <= now and task not in self._timed_out:
+                    self._timed_out.add(task)
+                    task.cancel()
 
     async def _keep_alive(self) -> None:
         # Long handlers (model calls) must not outlive ack_wait, or the message is redelivered
