@@ -6,15 +6,17 @@ Every key is documented in pipeline.example.toml.
 
 import os
 import string
+import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 
 from shared.errors import ConfigError
@@ -153,9 +155,9 @@ class WorkerSettings(_Section):
 class Settings(BaseSettings):
     """Everything a process of this project needs to know, loaded once at start-up."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="ORCH_", env_nested_delimiter="__", extra="forbid", toml_file=None
-    )
+    model_config = SettingsConfigDict(env_prefix="ORCH_", env_nested_delimiter="__", extra="forbid")
+    pipeline_data: ClassVar[Mapping[str, Any]] = {}
+    """The parsed pipeline file (load_settings sets it on a subclass); not a setting."""
 
     nats_url: str | None = Field(
         default=None, validation_alias=AliasChoices("ORCH_NATS_URL", "NATS_URL", "nats_url")
@@ -189,7 +191,29 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         """Explicit overrides beat the environment, which beats the TOML file."""
-        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+        data = dict(getattr(settings_cls, "pipeline_data", {}))
+        return (init_settings, env_settings, InitSettingsSource(settings_cls, data))
+
+
+def read_pipeline_file(path: Path) -> dict[str, Any]:
+    """Parse the pipeline TOML file; any failure is a one-line ConfigError naming the file.
+
+    A syntax error names the line and column (tomllib puts them in its message).
+    """
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"pipeline file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read pipeline file {path}: {exc.strerror or exc}") from None
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"pipeline file {path} is not UTF-8 text (byte {exc.start} cannot be decoded)"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"pipeline file {path} is not valid TOML: {exc}") from None
 
 
 def load_settings(config: Path | str | None = None, **overrides: Any) -> Settings:
@@ -201,11 +225,7 @@ def load_settings(config: Path | str | None = None, **overrides: Any) -> Setting
     cls: type[Settings] = Settings
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"pipeline file not found: {path}")
-        cls = type(
-            "Settings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": path}}
-        )
+        cls = type("Settings", (Settings,), {"pipeline_data": read_pipeline_file(path)})
     try:
         return cls(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:

@@ -105,6 +105,21 @@ def test_errors_are_clear_and_exit_nonzero(tmp_path):
     assert "Traceback" not in invalid.stderr + missing.stderr
 
 
+def test_malformed_pipeline_file_is_one_line_exit_2(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("partitions = \n")
+    env = stage_env("nats://127.0.0.1:1")
+    cli = run(["--config", str(bad), "status"], env, timeout=60)
+    stage = subprocess.run([sys.executable, "-m", "services.rag"], cwd=ROOT,
+                           env={**env, "ORCH_CONFIG": str(bad)}, capture_output=True,
+                           text=True, timeout=60)  # fmt: skip
+    for done in (cli, stage):
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.splitlines() == [
+            f"error: pipeline file {bad} is not valid TOML: Invalid value (at line 1, column 14)"
+        ]
+
+
 def test_help_explains_every_command():
     done = run(["--help"], dict(os.environ))
     assert done.returncode == 0

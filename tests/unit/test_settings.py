@@ -72,6 +72,24 @@ def test_errors_are_clear(tmp_path):
         load_settings(write(tmp_path, "[channels.post]\ncapacityy = 1\n"))
 
 
+def test_unreadable_pipeline_file_is_a_one_line_config_error(tmp_path, monkeypatch):
+    bad = write(tmp_path, "partitions = 4\n[channels.post\ncapacity = 1\n")
+    with pytest.raises(ConfigError) as syntax:
+        load_settings(bad)
+    message = str(syntax.value)
+    assert message.startswith(f"pipeline file {bad} is not valid TOML:")
+    assert "line 2, column 15" in message
+    assert "\n" not in message
+    monkeypatch.setenv("ORCH_CONFIG", str(bad))  # the path stage processes take
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings()
+    with pytest.raises(ConfigError, match=f"cannot read pipeline file {tmp_path}: "):
+        load_settings(tmp_path)  # a directory: open() fails
+    bad.write_bytes(b"partitions = \xff\n")
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_settings(bad)
+
+
 def _keys(model: type[BaseModel], prefix: str = "") -> set[str]:
     keys = set()
     for name, field in model.model_fields.items():
