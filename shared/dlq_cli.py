@@ -199,9 +199,14 @@ async def run_dlq(args: argparse.Namespace, settings: Settings, bus: Bus) -> int
         print(f"replayed {report.replayed} of {report.matched} entries")
         for seq, error in report.failed:
             print(f"  #{seq} not replayed: {error}", file=sys.stderr)
+        if report.untried:
+            print(f"  {report.untried} more not tried: run the replay again later",
+                  file=sys.stderr)  # fmt: skip
         return 1 if report.failed else 0
     if op == "purge":
-        matched = await dlq.count(flt, args.limit)
+        # What the operator confirms is what is deleted: entries stored meanwhile are kept.
+        through = await dlq.last_seq()
+        matched = await dlq.count(flt, args.limit, through=through)
         if matched == 0:
             print("no matching entries")
             return 0
@@ -213,7 +218,7 @@ async def run_dlq(args: argparse.Namespace, settings: Settings, bus: Bus) -> int
             if answer.strip().lower() not in ("y", "yes"):
                 print("nothing deleted")
                 return 1
-        deleted = await dlq.purge(flt, limit=args.limit, progress=_Bar("purge"))
+        deleted = await dlq.purge(flt, limit=args.limit, progress=_Bar("purge"), through=through)
         print(f"purged {deleted} entries")
         return 0
     raise ConfigError(f"unknown dlq operation {op!r}")

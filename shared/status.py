@@ -36,7 +36,11 @@ class Status:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready form."""
         return {
-            "accounts": {**asdict(self.accounts), "balanced": self.accounts.balanced},
+            "accounts": {
+                **asdict(self.accounts),
+                "balanced": self.accounts.balanced,
+                "surplus": self.accounts.surplus,
+            },
             "stages": [asdict(s) for s in self.stages],
         }
 
@@ -110,13 +114,34 @@ async def coverage(bus: Bus, settings: Settings) -> dict[str, bool]:
     return out
 
 
+def verdict(status: Status) -> tuple[str, list[str]]:
+    """Whether the identity holds and, when it does not, what can make it not hold now."""
+    a = status.accounts
+    if a.balanced:
+        return "balanced", []
+    if a.surplus < 0:
+        return f"NOT balanced: {-a.surplus} accepted requests missing", [
+            "accepted but neither completed, dead-lettered nor in flight: deleted from a "
+            "channel stream outside the pipeline, or a replay is under way"
+        ]
+    lines = []
+    if a.in_flight > 0 or any(s.ack_pending for s in status.stages):
+        lines.append("messages are moving: one being handed on counts twice for a moment")
+    lines.append(
+        "messages published straight to stage subjects, not through the intake, "
+        "are not counted as accepted"
+    )
+    return f"NOT balanced: {a.surplus} more than accepted", lines
+
+
 def format_status(status: Status) -> str:
     """A plain-text rendering for terminals."""
     a = status.accounts
-    verdict = "balanced" if a.balanced else "NOT balanced (still moving?)"
+    verdict_text, why = verdict(status)
     lines = [
         f"accepted {a.accepted} = completed {a.completed} + dead-lettered {a.dead_lettered}"
-        f" + in flight {a.in_flight}   [{verdict}]",
+        f" + in flight {a.in_flight}   [{verdict_text}]",
+        *(f"  ({line})" for line in why),
         f"dead-letter stream: {a.dead_letters_now} entries now, {a.replayed} replayed, "
         f"{a.purged} purged",
         "",

@@ -4,6 +4,7 @@ from shared.accounting import Snapshot, account
 from shared.deadletter import Entry, entry_headers
 from shared.dlq import EntryFilter
 from shared.dlq_cli import parse_time
+from shared.status import StageStatus, Status, format_status, verdict
 
 CHANNELS = {"intake": 0, "assemble": 0, "inference": 0, "post": 0, "stream": 0}
 
@@ -60,7 +61,55 @@ def test_purged_entries_stay_dead_lettered():
 
 
 def test_unbalanced_is_reported():
-    assert not account(snap(intake_stored=5, results_stored=3)).balanced
+    a = account(snap(intake_stored=5, results_stored=3))
+    assert not a.balanced
+    assert a.surplus == -2
+
+
+def status_of(a, ack_pending=0) -> Status:
+    return Status(a, [StageStatus("inference", queued=0, ack_pending=ack_pending,
+                                  redelivered=0, waiting_pulls=1)])  # fmt: skip
+
+
+def test_messages_published_past_the_intake_are_named_as_the_cause():
+    # 11 accepted through the intake; 2 more published straight to an inner stage subject,
+    # dead-lettered there as invalid. Nothing moves: the imbalance stays, and says why.
+    a = account(snap(intake_stored=11, results_stored=6, dead_letters_stored=7))
+    assert (a.accepted, a.completed, a.dead_lettered, a.in_flight) == (11, 6, 7, 0)
+    assert (a.balanced, a.surplus) == (False, 2)
+    text, why = verdict(status_of(a))
+    assert text == "NOT balanced: 2 more than accepted"
+    assert why == [
+        "messages published straight to stage subjects, not through the intake, "
+        "are not counted as accepted"
+    ]
+    first = format_status(status_of(a)).splitlines()[:2]
+    assert first[0].endswith("[NOT balanced: 2 more than accepted]")
+    assert first[1].startswith("  (messages published straight to stage subjects")
+    assert "still moving" not in format_status(status_of(a))
+
+
+def test_surplus_while_messages_move_says_so_too():
+    a = account(snap(intake_stored=5, results_stored=3, dead_letters_stored=1,
+                     channel_messages={**CHANNELS, "post": 2}))  # fmt: skip
+    _, why = verdict(status_of(a, ack_pending=1))
+    assert why[0] == "messages are moving: one being handed on counts twice for a moment"
+    assert len(why) == 2
+
+
+def test_missing_requests_are_not_blamed_on_movement():
+    text, why = verdict(status_of(account(snap(intake_stored=5, results_stored=3))))
+    assert text == "NOT balanced: 2 accepted requests missing"
+    assert "deleted from a channel stream" in why[0]
+
+
+def test_balanced_status_has_no_explanation_and_json_keeps_its_keys():
+    a = account(snap(intake_stored=4, results_stored=3, dead_letters_stored=1))
+    assert verdict(status_of(a)) == ("balanced", [])
+    accounts = status_of(a).to_dict()["accounts"]
+    assert accounts == {"accepted": 4, "completed": 3, "dead_lettered": 1, "in_flight": 0,
+                        "dead_letters_now": 0, "replayed": 0, "purged": 0,
+                        "balanced": True, "surplus": 0}  # fmt: skip
 
 
 def test_filter_matches_headers_and_time():
