@@ -7,6 +7,7 @@ Everything above it speaks the project's own types: `StreamSpec`/`ConsumerSpec` 
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -68,9 +69,18 @@ class Delivery:
         self.data: bytes = msg.data
         self.subject: str = msg.subject
         self.headers: Mapping[str, str] = msg.headers or {}
-        meta = msg.metadata
-        self.delivered: int = meta.num_delivered
-        self.stream_seq: int = meta.sequence.stream
+        # The two numbers the runtime needs, read straight from the ack subject
+        # ($JS.ACK.[<domain>.<account>.]<stream>.<consumer>.<delivered>.<stream seq>...):
+        # nats-py's `metadata` also builds a datetime and three objects per message.
+        tokens = (msg.reply or "").split(".")
+        at = 4 if len(tokens) == 9 else 6 if len(tokens) >= 11 else 0
+        self.delivered: int
+        self.stream_seq: int
+        if at and tokens[1] == "ACK":
+            self.delivered, self.stream_seq = int(tokens[at]), int(tokens[at + 1])
+        else:
+            meta = msg.metadata  # raises for what is not a JetStream delivery
+            self.delivered, self.stream_seq = meta.num_delivered, meta.sequence.stream
 
     async def ack(self) -> None:
         """Settle as done; the work-queue stream deletes the message."""
@@ -584,24 +594,45 @@ def _diff(have: Any, want: Any, names: tuple[str, ...]) -> str:
     return ", ".join(out)
 
 
+_RETRY_LOG_EVERY = 10.0
+"""Seconds between log lines while (re)connecting fails: nats-py retries twice a second."""
+
+
 class _ConnectionEvents:
-    """Logs connection trouble, but not the disconnect that closing a connection causes."""
+    """Logs connection trouble, but not the disconnect that closing a connection causes.
+
+    A failing (re)connect is logged when it starts and then every _RETRY_LOG_EVERY seconds,
+    not once per attempt, so a one-shot command waiting 5 s logs one line before its error.
+    """
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.bus: Bus | None = None
         self.last_error: Exception | None = None
+        self._failing_since: float | None = None
+        self._logged_at = 0.0
 
     async def error(self, exc: Exception) -> None:
         self.last_error = exc
+        if self.bus is not None and self.bus.closing:
+            return
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        elif now - self._logged_at < _RETRY_LOG_EVERY:
+            return
+        self._logged_at = now
+        waited = now - self._failing_since
+        still = f"still failing after {waited:.0f}s: " if waited >= 1 else ""
         if self.bus is None:
-            log.info("waiting for NATS at %s: %s", self.url, exc)
-        elif not self.bus.closing:
-            log.warning("nats %s: %s", self.url, exc)
+            log.info("waiting for NATS at %s: %s%s", self.url, still, exc)
+        else:
+            log.warning("nats %s: %s%s", self.url, still, exc)
 
     async def disconnected(self) -> None:
         if not (self.bus and self.bus.closing):
             log.warning("nats %s: disconnected; reconnecting", self.url)
 
     async def reconnected(self) -> None:
+        self._failing_since = None
         log.info("nats %s: reconnected", self.url)
