@@ -157,15 +157,26 @@ async def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
     if settings.nats_url:
         return await run(settings.nats_url)
-    store = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "prompt-orchestrator"
-    # The default port when it is free, so that `orchestrator ask` etc. find it unconfigured.
-    port = DEFAULT_PORT if port_is_free(DEFAULT_PORT) else None
-    with EmbeddedNats(store_dir=store, port=port) as server:
-        print(f"embedded nats-server on {server.url}, store {store}", file=sys.stderr)
-        if port is None:
+    # The default port when it is free, so that `orchestrator ask` etc. find it unconfigured,
+    # with a store kept across restarts. Otherwise another `up` probably holds that port and
+    # the store: this server gets a free port and a temporary store of its own (a store
+    # serves one server at a time; EmbeddedNats refuses a store in use).
+    if port_is_free(DEFAULT_PORT):
+        server = EmbeddedNats(store_dir=up_store(), port=DEFAULT_PORT)
+    else:
+        server = EmbeddedNats()
+    with server:
+        print(f"embedded nats-server on {server.url}, store {server.store_dir}", file=sys.stderr)
+        if server.port != DEFAULT_PORT:
             print(f"(port {DEFAULT_PORT} is taken: pass --nats-url {server.url} to other "
-                  "commands)", file=sys.stderr)  # fmt: skip
+                  "commands; the store is removed when this stops)", file=sys.stderr)  # fmt: skip
         return await run(server.url)
+
+
+def up_store() -> Path:
+    """The store of the server `up` starts on the default port: kept across restarts."""
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "prompt-orchestrator"
 
 
 async def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
@@ -188,9 +199,11 @@ async def _cmd_declare(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _cmd_server(args: argparse.Namespace, settings: Settings) -> int:
-    server = EmbeddedNats(store_dir=args.store, port=args.port).start()
-    try:  # a signal may arrive at any point after start, even during the prints
-        print(f"nats-server on {server.url} (pid {server.pid}), store {server.store_dir}")
+    server = EmbeddedNats(store_dir=args.store, port=args.port)
+    try:  # a signal may arrive at any point, even while starting or during the prints
+        server.start()
+        kept = "" if args.store else " (temporary: removed when the server stops)"
+        print(f"nats-server on {server.url} (pid {server.pid}), store {server.store_dir}{kept}")
         print("press Ctrl-C to stop", flush=True)
         process = server.process
         assert process is not None
@@ -199,6 +212,7 @@ async def _cmd_server(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     finally:
         server.stop()
+        server.cleanup()  # only a store it created itself
 
 
 async def _cmd_publish(args: argparse.Namespace, settings: Settings) -> int:

