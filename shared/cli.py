@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import math
 import os
 import signal
 import sys
@@ -15,7 +16,7 @@ import orjson
 from shared.dlq_cli import add_commands as add_dlq_commands
 from shared.dlq_cli import run_dlq, run_status
 from shared.envelope import MetaValue
-from shared.errors import ConfigError, OrchestratorError
+from shared.errors import ConfigError, OrchestratorError, ResultTimeout
 from shared.natsserver import EmbeddedNats, port_is_free
 from shared.runner import (
     DEFAULT_URL,
@@ -28,6 +29,8 @@ from shared.runner import (
 from shared.settings import Settings, load_settings
 
 DEFAULT_PORT = 4222
+NO_RESULT = 1
+"""Exit code of `result` and `ask` when there is no result (in time): an answer, not an error."""
 
 DESCRIPTION = """\
 Run LLM prompt pipelines as a mesh of stages on NATS JetStream:
@@ -38,6 +41,65 @@ file's nats_url. `demo` and `up` start an embedded nats-server when none is conf
 the other commands default to nats://127.0.0.1:4222, where `up` puts its server when the
 port is free.
 """
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    value = _whole(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 1 to 65535."""
+    value = _whole(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 1 to 65535, got {text}")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+
+
+def _command(
+    sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
+    name: str,
+    help: str,
+    description: str,
+) -> argparse.ArgumentParser:
+    """A subcommand with a one-line `help` (in the command list) and a `description`."""
+    return sub.add_parser(name, help=help, description=description)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,52 +113,127 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="run the whole pipeline once with sample requests")
-    demo.add_argument("--requests", type=int, default=10, help="how many requests (default 10)")
-
-    up = sub.add_parser(
-        "up",
-        help="run all five stages until Ctrl-C/SIGTERM",
-        description="Run the whole pipeline. By default all five stages run in this process; "
-        "with --instances N (or `instances` per stage in the pipeline file) every stage "
-        "instance is its own process, so one machine can use all its cores.",
+    demo = _command(
+        sub,
+        "demo",
+        "run the whole pipeline once with sample requests",
+        "Run the five stages in this process, send N sample requests through them, print "
+        "each answer and a per-stage latency table (queue wait and handling time, p50/p99), "
+        "then drain and stop. With no NATS URL configured it starts an embedded nats-server "
+        "on a free 127.0.0.1 port with a temporary store, removed afterwards.",
     )
-    up.add_argument("--instances", type=int, help="processes per stage (default: from config)")
+    demo.add_argument(
+        "--requests", type=positive_int, default=10, help="how many requests (default 10)"
+    )
 
-    run = sub.add_parser("run", help="run one stage until Ctrl-C/SIGTERM")
+    up = _command(
+        sub,
+        "up",
+        "run all five stages until Ctrl-C/SIGTERM",
+        "Run the whole pipeline until Ctrl-C/SIGTERM, then drain. By default all five stages "
+        "run in this process; with --instances N (or `instances` per stage in the pipeline "
+        "file) every stage instance is its own process, so one machine can use all its cores. "
+        "With no NATS URL configured it starts an embedded nats-server: on 127.0.0.1:4222 "
+        "with its store in ~/.cache/prompt-orchestrator (kept across restarts) when that port "
+        "is free, else on a free port with a temporary store removed when it stops.",
+    )
+    up.add_argument(
+        "--instances", type=positive_int, help="processes per stage (default: from config)"
+    )
+
+    run = _command(
+        sub,
+        "run",
+        "run one stage until Ctrl-C/SIGTERM",
+        "Run one stage in this process until Ctrl-C/SIGTERM, then drain: stop fetching, "
+        "finish what it holds, ack, hand its partitions over and exit 0. The same as "
+        "`python -m services.STAGE`. It declares the streams on start and creates its own "
+        "consumers for the partitions it owns.",
+    )
     run.add_argument("stage", choices=_stage_names(), help="the stage to run")
 
-    sub.add_parser("declare", help="create or update the streams and consumers, then exit")
+    _command(
+        sub,
+        "declare",
+        "create or update the streams, then exit",
+        "Create the pipeline's streams, or bring their settings in line with the "
+        "configuration, and print one line per stream: created, unchanged or updated (with "
+        "what changed). Consumers are not declared: each stage instance creates its own when "
+        "it starts, with that instance's settings. Stages declare the streams on start too, "
+        "so this only does it up front.",
+    )
 
-    server = sub.add_parser("server", help="run a local nats-server with JetStream (foreground)")
-    server.add_argument("--port", type=int, default=4222, help="port on 127.0.0.1 (default 4222)")
+    server = _command(
+        sub,
+        "server",
+        "run a local nats-server with JetStream (foreground)",
+        "Run a nats-server with JetStream on 127.0.0.1 in the foreground until "
+        "Ctrl-C/SIGTERM. Its JetStream store is --store (kept), or else a temporary directory "
+        "that is removed when the server stops. A store serves one server at a time: a "
+        "store another running nats-server uses is refused.",
+    )
+    server.add_argument(
+        "--port", type=port_number, default=DEFAULT_PORT, help="port on 127.0.0.1 (default 4222)"
+    )
     server.add_argument("--store", type=Path, default=None, help="JetStream store directory")
 
-    for name, help_text in (
-        ("publish", "submit a request; print its id"),
-        ("ask", "submit a request and print its result"),
+    for name, help_text, description in (
+        (
+            "publish",
+            "submit a request; print its id",
+            "Submit a request to the pipeline's intake and print its id once the server has "
+            "stored it. `orchestrator result ID` reads its result.",
+        ),
+        (
+            "ask",
+            "submit a request and print its result",
+            "Submit a request and wait for its result; print the answer (the whole result "
+            "with --json). Exits 1 if no result arrives within --timeout.",
+        ),
     ):
-        cmd = sub.add_parser(name, help=help_text)
+        cmd = _command(sub, name, help_text, description)
         cmd.add_argument("text", help="the request's input text")
         cmd.add_argument("--session", required=True, help="session id (any string)")
         cmd.add_argument("--request-id", help="request id (default: generated)")
         cmd.add_argument(
             "--meta", action="append", default=[], metavar="KEY=VALUE", help="metadata, repeatable"
         )
-        cmd.add_argument("--ttl", type=float, help="deadline: seconds from now")
+        cmd.add_argument(
+            "--ttl", type=positive_float, help="deadline: seconds from now (default: none)"
+        )
         if name == "ask":
-            cmd.add_argument("--timeout", type=float, default=30.0, help="seconds to wait")
+            cmd.add_argument(
+                "--timeout", type=positive_float, default=30.0, help="seconds to wait (default 30)"
+            )
             cmd.add_argument("--json", action="store_true", help="print the whole result as JSON")
 
-    health = sub.add_parser("health", help="exit 0 if a stage process reported itself healthy")
+    health = _command(
+        sub,
+        "health",
+        "exit 0 if a stage process reported itself healthy",
+        "Exit 0 if a stage process touched its health file (health_file / ORCH_HEALTH_FILE) "
+        "within --max-age seconds, which it does while its loops are turning; else say so "
+        "and exit 1. Meant for container health checks.",
+    )
     health.add_argument("--file", type=Path, help="the stage's health_file (default: from config)")
-    health.add_argument("--max-age", type=float, default=15.0, help="seconds (default 15)")
+    health.add_argument(
+        "--max-age", type=non_negative_float, default=15.0, help="seconds (default 15)"
+    )
 
     add_dlq_commands(sub, _stage_names())
 
-    result = sub.add_parser("result", help="print the stored result of a request (or wait)")
+    result = _command(
+        sub,
+        "result",
+        "print the stored result of a request (or wait)",
+        "Print the result of a request (results are kept for results.max_age, one hour by "
+        "default); with --timeout, wait up to that many seconds for it. Exits 1 if there is "
+        "no result, with or without waiting.",
+    )
     result.add_argument("request_id")
-    result.add_argument("--timeout", type=float, default=0.0, help="seconds to wait (default 0)")
+    result.add_argument(
+        "--timeout", type=non_negative_float, default=0.0, help="seconds to wait (default 0)"
+    )
     result.add_argument("--json", action="store_true", help="print the whole result as JSON")
     return p
 
@@ -122,7 +259,7 @@ def _request_options(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "metadata": _metadata(args.meta),
         "request_id": args.request_id,
-        "deadline": time.time() + args.ttl if args.ttl else None,
+        "deadline": time.time() + args.ttl if args.ttl is not None else None,
     }
 
 
@@ -235,6 +372,10 @@ async def _cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
         result = await client.ask(
             args.text, args.session, timeout=args.timeout, **_request_options(args)
         )
+    except ResultTimeout as exc:
+        print(f"{exc} (the request was accepted: `orchestrator result {exc.request_id}` "
+              "reads its result later)", file=sys.stderr)  # fmt: skip
+        return NO_RESULT
     finally:
         await client.close()
     print(result.model_dump_json(indent=2) if args.json else result.output)
@@ -251,9 +392,12 @@ async def _cmd_result(args: argparse.Namespace, settings: Settings) -> int:
         else:
             found = await client.stored_result(args.request_id)
             if found is None:
-                print(f"no result stored for {args.request_id}", file=sys.stderr)
-                return 1
+                print(f"no result for request {args.request_id}", file=sys.stderr)
+                return NO_RESULT
             result = found
+    except ResultTimeout as exc:
+        print(str(exc), file=sys.stderr)
+        return NO_RESULT
     finally:
         await client.close()
     print(orjson.dumps(result.model_dump(), option=orjson.OPT_INDENT_2).decode()

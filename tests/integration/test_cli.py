@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.support import ROOT, orchestrator_command, stage_env
 
 
@@ -123,14 +125,60 @@ def test_malformed_pipeline_file_is_one_line_exit_2(tmp_path):
         ]
 
 
-def test_help_explains_every_command():
+def test_help_explains_every_command(capsys):
+    from shared.cli import main
+
     done = run(["--help"], dict(os.environ))
     assert done.returncode == 0
-    for command in ("demo", "up", "run", "declare", "server", "publish", "ask", "result"):
+    commands = ("demo", "up", "run", "declare", "server", "publish", "ask", "result", "health")
+    for command in commands:
         assert command in done.stdout
-    start = time.monotonic()
     assert run(["run", "--help"], dict(os.environ)).returncode == 0
-    assert time.monotonic() - start < 60
+    for command in commands:  # each says what it does, not just its options
+        with pytest.raises(SystemExit) as exited:
+            main([command, "--help"])
+        assert exited.value.code == 0
+        text = capsys.readouterr().out
+        description = text.split("\n\n")[1]
+        assert not description.startswith(("positional arguments", "options")), text
+        assert len(description.split()) >= 20, text
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["publish", "x", "--session", "s", "--ttl", "0"],
+        ["publish", "x", "--session", "s", "--ttl", "-5"],
+        ["ask", "x", "--session", "s", "--timeout", "-1"],
+        ["ask", "x", "--session", "s", "--timeout", "0"],
+        ["ask", "x", "--session", "s", "--ttl", "nan"],
+        ["result", "abc", "--timeout", "-1"],
+        ["demo", "--requests", "0"],
+        ["up", "--instances", "0"],
+        ["health", "--max-age", "-1"],
+        ["server", "--port", "0"],
+    ],
+)
+def test_non_positive_numbers_are_rejected_by_argparse(args, capsys):
+    from shared.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    assert exited.value.code == 2
+    assert f"argument {args[-2]}: must be" in capsys.readouterr().err
+
+
+def test_no_result_exits_1_with_or_without_waiting(nats_server):
+    env = stage_env(nats_server.url)
+    assert run(["declare"], env).returncode == 0
+    now = run(["result", "no-such-request"], env)
+    waited = run(["result", "no-such-request", "--timeout", "0.5"], env)
+    for done in (now, waited):
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.startswith("no result for request no-such-request"), done.stderr
+    asked = run(["ask", "hi", "--session", "s", "--request-id", "r1", "--timeout", "0.5"], env)
+    assert asked.returncode == 1, asked.stderr
+    assert "`orchestrator result r1` reads its result later" in asked.stderr
 
 
 def test_up_with_instances_runs_separate_processes_and_status_shows_owners(nats_server, tmp_path):
