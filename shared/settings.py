@@ -229,5 +229,16 @@ def load_settings(config: Path | str | None = None, **overrides: Any) -> Setting
     try:
         return cls(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
-        where = f" in {path}" if path else ""
-        raise ConfigError(f"invalid configuration{where}:\n{exc}") from None
+        where = f" in {path} or the environment" if path else " in the environment"
+        raise ConfigError(f"invalid configuration{where}: {_problems(exc)}") from None
+
+
+def _problems(exc: ValidationError) -> str:
+    """Every problem pydantic found, on one line: `key: message (got value)`; ...`."""
+    problems = []
+    for error in exc.errors(include_url=False):
+        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        value = error.get("input")
+        got = f" (got {value!r})" if isinstance(value, str | int | float | bool) else ""
+        problems.append(f"{key}: {error['msg']}{got}".replace("\n", " "))
+    return "; ".join(problems)

@@ -72,6 +72,18 @@ def test_errors_are_clear(tmp_path):
         load_settings(write(tmp_path, "[channels.post]\ncapacityy = 1\n"))
 
 
+def test_invalid_values_are_one_line_naming_each_key(tmp_path):
+    path = write(tmp_path, "partitions = 0\n[channels.post]\ncapacityy = 1\n")
+    with pytest.raises(ConfigError) as invalid:
+        load_settings(path)
+    assert str(invalid.value) == (
+        f"invalid configuration in {path} or the environment: "
+        "partitions: Input should be greater than or equal to 1 (got 0); "
+        "channels.post.capacity: Field required; "
+        "channels.post.capacityy: Extra inputs are not permitted (got 1)"
+    )
+
+
 def test_unreadable_pipeline_file_is_a_one_line_config_error(tmp_path, monkeypatch):
     bad = write(tmp_path, "partitions = 4\n[channels.post\ncapacity = 1\n")
     with pytest.raises(ConfigError) as syntax:
