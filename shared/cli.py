@@ -92,6 +92,24 @@ def _whole(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
 
 
+def global_options(default: object = None) -> argparse.ArgumentParser:
+    """The options every command takes, before or after its name (`demo --nats-url ...`)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument(
+        "--config", type=Path, default=default, help="pipeline TOML file (default: $ORCH_CONFIG)"
+    )
+    p.add_argument(
+        "--nats-url", default=default, help="NATS server URL (overrides environment and config)"
+    )
+    p.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
+    return p
+
+
+SUBCOMMAND_OPTIONS = global_options(argparse.SUPPRESS)
+"""Parent parser for subcommands: given after the command, the options override; absent,
+they leave the values given before it alone."""
+
+
 def _command(
     sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
     name: str,
@@ -99,7 +117,7 @@ def _command(
     description: str,
 ) -> argparse.ArgumentParser:
     """A subcommand with a one-line `help` (in the command list) and a `description`."""
-    return sub.add_parser(name, help=help, description=description)
+    return sub.add_parser(name, help=help, description=description, parents=[SUBCOMMAND_OPTIONS])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -107,10 +125,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="orchestrator",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[global_options()],
     )
-    p.add_argument("--config", type=Path, help="pipeline TOML file (default: $ORCH_CONFIG)")
-    p.add_argument("--nats-url", help="NATS server URL (overrides environment and config)")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = _command(

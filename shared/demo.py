@@ -26,7 +26,9 @@ QUESTIONS = (
 
 async def run_demo(settings: Settings, url: str, requests: int, out: TextIO) -> None:
     """Run the pipeline in-process against `url` and send `requests` requests through it."""
-    bus = await Bus.connect(url, name="orchestrator-demo", publish_timeout=settings.publish_timeout)
+    bus = await Bus.connect(
+        url, name="orchestrator-demo", publish_timeout=settings.publish_timeout, wait=5.0
+    )
     client = await Client.connect(settings, url)
     group: StageGroup | None = None
     try:

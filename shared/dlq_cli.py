@@ -40,10 +40,28 @@ def parse_time(text: str, now: float | None = None) -> float:
 
 def add_commands(sub: argparse._SubParsersAction, stage_names: list[str]) -> None:
     """Register `status` and `dlq ...` on the main parser."""
-    status = sub.add_parser("status", help="accounting identity and per-stage queues")
+    from shared.cli import SUBCOMMAND_OPTIONS, positive_float, positive_int  # (circular)
+
+    common = [SUBCOMMAND_OPTIONS]
+
+    status = sub.add_parser(
+        "status",
+        parents=common,
+        help="accounting identity and per-stage queues",
+        description="Show accepted = completed + dead-lettered + in flight for the whole "
+        "pipeline, then per stage: queue depth, ack-pending, redeliveries, dead letters by "
+        "reason, and the instances with the partitions each owns. Read from the server.",
+    )
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
-    dlq = sub.add_parser("dlq", help="inspect, replay and purge the dead-letter stream")
+    dlq = sub.add_parser(
+        "dlq",
+        parents=common,
+        help="inspect, replay and purge the dead-letter stream",
+        description="Operate on the dead-letter stream: every request that could not go on, "
+        "with its original payload and why. Filters combine; each operation works on the "
+        "entries that existed when it started.",
+    )
     ops = dlq.add_subparsers(dest="dlq_command", required=True, metavar="OPERATION")
 
     def filters(p: argparse.ArgumentParser) -> None:
@@ -53,18 +71,31 @@ def add_commands(sub: argparse._SubParsersAction, stage_names: list[str]) -> Non
         p.add_argument("--request-id", help="only this request id")
         p.add_argument("--since", help="failed at or after: 15m, 2h, 7d, ISO-8601, unix time")
         p.add_argument("--until", help="failed before (same forms as --since)")
-        p.add_argument("--limit", type=int, help="at most this many entries")
+        p.add_argument("--limit", type=positive_int, help="at most this many entries")
 
-    ls = ops.add_parser("ls", help="list entries (oldest first)")
+    ls = ops.add_parser(
+        "ls",
+        parents=common,
+        help="list entries (oldest first)",
+        description="List matching entries, oldest first: sequence, time, stage, reason, "
+        "session, request id and error. --json prints one JSON object per line.",
+    )
     filters(ls)
     ls.add_argument("--json", action="store_true", help="one JSON object per line")
 
-    show = ops.add_parser("show", help="one entry: headers and payload")
-    show.add_argument("seq", type=int, help="the entry's sequence number (from ls)")
+    show = ops.add_parser(
+        "show",
+        parents=common,
+        help="one entry: headers and payload",
+        description="Show one entry by its sequence number: every header (reason, error, "
+        "stage, subject, attempts, time, trace context) and the original payload.",
+    )
+    show.add_argument("seq", type=positive_int, help="the entry's sequence number (from ls)")
     show.add_argument("--json", action="store_true", help="machine-readable output")
 
     replay = ops.add_parser(
         "replay",
+        parents=common,
         help="send entries back where they failed, then delete them",
         description="Republish each matching entry's original payload to its original subject "
         "(with a fresh Nats-Msg-Id), and delete the entry once the republish is stored. Safe "
@@ -72,9 +103,16 @@ def add_commands(sub: argparse._SubParsersAction, stage_names: list[str]) -> Non
     )
     filters(replay)
     replay.add_argument("--dry-run", action="store_true", help="only say what would be replayed")
-    replay.add_argument("--rate", type=float, help="at most this many replays per second")
+    replay.add_argument("--rate", type=positive_float, help="at most this many replays per second")
 
-    purge = ops.add_parser("purge", help="delete entries for good")
+    purge = ops.add_parser(
+        "purge",
+        parents=common,
+        help="delete entries for good",
+        description="Delete matching entries for good, without replaying them: for requests "
+        "that should never run again. Asks for confirmation on a terminal; without one "
+        "(scripts, CI), --yes is required.",
+    )
     filters(purge)
     purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 

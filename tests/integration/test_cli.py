@@ -134,9 +134,10 @@ def test_help_explains_every_command(capsys):
     for command in commands:
         assert command in done.stdout
     assert run(["run", "--help"], dict(os.environ)).returncode == 0
-    for command in commands:  # each says what it does, not just its options
+    dlq = [["status"], ["dlq"], *(["dlq", op] for op in ("ls", "show", "replay", "purge"))]
+    for command in [[c] for c in commands] + dlq:  # each says what it does, not its options
         with pytest.raises(SystemExit) as exited:
-            main([command, "--help"])
+            main([*command, "--help"])
         assert exited.value.code == 0
         text = capsys.readouterr().out
         description = text.split("\n\n")[1]
@@ -318,3 +319,17 @@ def test_server_command_interrupted_while_starting_leaves_no_server(tmp_path):
     while _servers_using(tmp_path) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _servers_using(tmp_path) == [], f"nats-server {children} outlived the command"
+
+
+def test_global_options_go_before_or_after_the_command():
+    from shared.cli import _parser
+
+    parse = _parser().parse_args
+    assert parse(["--nats-url", "nats://a:1", "demo"]).nats_url == "nats://a:1"
+    assert parse(["demo", "--nats-url", "nats://b:2"]).nats_url == "nats://b:2"
+    assert parse(
+        ["--nats-url", "nats://a:1", "dlq", "ls", "--nats-url", "nats://b:2"]
+    ).nats_url == ("nats://b:2")
+    after = parse(["status", "--config", "p.toml", "-v"])
+    assert (str(after.config), after.verbose) == ("p.toml", True)
+    assert parse(["health"]).nats_url is None

@@ -79,11 +79,18 @@ async def test_status_and_dlq_commands(nats_server, pipeline):
     # "Not found" is exit 1 with one line on stderr, as for `orchestrator result`.
     for args, line in (
         (["dlq", "show", "99999"], "no dead-letter entry #99999"),
-        (["dlq", "show", "0"], "no dead-letter entry #0"),
-        (["result", "no-such-request"], "no result stored for no-such-request"),
+        (["result", "no-such-request"], "no result for request no-such-request"),
     ):
         missing = run(args, env)
         assert (missing.returncode, missing.stdout, missing.stderr) == (1, "", line + "\n"), args
+
+    for args in (
+        ["dlq", "show", "0"],
+        ["dlq", "ls", "--limit", "0"],
+        ["dlq", "replay", "--rate", "-1"],
+    ):
+        refused = run(args, env)  # a meaningless number is a usage error
+        assert refused.returncode == 2 and "must be" in refused.stderr, args
 
     dry = run(["dlq", "replay", "--dry-run", "--session", "sess 0"], env)
     assert dry.stdout.strip() == "would replay 1 entries"
