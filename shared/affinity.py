@@ -248,7 +248,8 @@ class Affinity:
             await self.attempts.load()
             self._consumer_ok = True
             if self.puller is None:
-                self.puller = await self._bus.pull(spec)
+                largest = getattr(self._settings.stages, self.spec.name).batch
+                self.puller = await self._bus.pull(spec, largest)
             self.owned = tuple(sorted(partitions))
         if self.owned != previous:
             log.info("%s owns partitions %s", self.instance, list(self.owned))

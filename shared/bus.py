@@ -5,6 +5,7 @@ Everything above it speaks the project's own types: `StreamSpec`/`ConsumerSpec` 
 """
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -37,6 +38,8 @@ MSG_ID = "Nats-Msg-Id"
 _STORE_FAILED = 10077  # JetStream "store failed": the stream is full under discard=new
 _NO_SUCH_MESSAGE = 10057
 _FILTER_NOT_UNIQUE = 10100  # another consumer of a work-queue stream already has the subject
+REQUEST_EXPIRES = 1.0  # seconds a pull request waits on the server for messages
+REQUEST_GRACE = 1.0  # past that, how long its end may take to be reported
 
 
 _RAISE: Any = object()
@@ -314,13 +317,16 @@ class Bus:
 
     # -- consuming -------------------------------------------------------------------------
 
-    async def pull(self, spec: ConsumerSpec) -> "Puller":
-        """Bind to the durable pull consumer of `spec`."""
+    async def pull(self, spec: ConsumerSpec, largest: int = 64) -> "Puller":
+        """A continuous pull from the durable consumer of `spec`, asking for at most
+        `largest` messages per pull request."""
+        puller = Puller(self._nc, f"$JS.API.CONSUMER.MSG.NEXT.{spec.stream}.{spec.durable}",
+                        largest)  # fmt: skip
         try:
-            psub = await self._js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
+            await puller.start()
         except nats.errors.Error as exc:
-            raise BusError(f"cannot bind to consumer {spec.durable}: {exc!r}") from None
-        return Puller(psub)
+            raise BusError(f"cannot pull from consumer {spec.durable}: {exc!r}") from None
+        return puller
 
     async def stream_state(self, stream: str) -> StreamState:
         """How many messages `stream` holds, and the sequence of the last one ever stored."""
@@ -488,25 +494,115 @@ class CoreSubscription:
 
 
 class Puller:
-    """A bound pull subscription on a durable consumer."""
+    """A continuous pull from a durable consumer.
 
-    def __init__(self, psub: Any) -> None:
-        self._psub = psub
+    Pull requests stay outstanding on the server, so a message is pushed to the instance as
+    soon as it is stored instead of waiting for the next fetch round trip, and an idle stage
+    costs one request per `REQUEST_EXPIRES`. The credit (messages asked for and not yet
+    delivered) plus what is received and not yet taken never exceeds the room the caller
+    last gave, so an instance holds no more un-acked messages than it can work on.
+    """
 
-    async def fetch(self, batch: int, timeout: float) -> list[Delivery]:
-        """Up to `batch` messages, waiting at most `timeout` seconds; [] when none came."""
-        try:
-            msgs = await self._psub.fetch(batch, timeout=timeout)
-        except (TimeoutError, nats.errors.TimeoutError):
-            return []
-        except nats.errors.Error as exc:
-            raise BusError(f"fetch failed: {exc}") from None
-        return [Delivery(m) for m in msgs]
+    def __init__(self, nc: NatsClient, next_subject: str, largest: int) -> None:
+        self._nc = nc
+        self._next = next_subject
+        self._largest = largest
+        self._inbox = nc.new_inbox()
+        self._sub: Any = None
+        self._ready: collections.deque[Msg] = collections.deque()
+        self._credit = 0
+        # Requests the server has not reported ended: (local expiry, size), oldest first.
+        self._open: collections.deque[tuple[float, int]] = collections.deque()
+        self._arrived = asyncio.Event()
+        self._error: str | None = None
+
+    async def start(self) -> None:
+        """Subscribe to the inbox the consumer's messages are delivered to."""
+        self._sub = await self._nc.subscribe(self._inbox, cb=self._receive)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing asked for is still to come, and nothing received is left to take."""
+        self._prune()
+        return not self._ready and self._credit == 0
+
+    async def fetch(self, room: int, timeout: float, *, ask: bool = True) -> list[Delivery]:
+        """Up to `room` messages: those already received, else the first to arrive within
+        `timeout` ([] when none did). With `ask`, first asks for more, up to `room`, when
+        at least half of it is not yet covered; without it, only takes in what was asked for.
+        """
+        self._prune()
+        self._raise_error()
+        if ask:
+            await self._ask(room)
+        if not self._ready:
+            if not ask and self._credit == 0:
+                return []
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._arrived.wait()
+            self._raise_error()
+        ready, count = self._ready, min(room, len(self._ready))
+        return [Delivery(ready.popleft()) for _ in range(count)]
 
     async def close(self) -> None:
-        """Stop pulling; un-acked messages are redelivered to other instances after ack_wait."""
-        with contextlib.suppress(nats.errors.Error, ValueError):
-            await self._psub.unsubscribe()
+        """Stop pulling. The server drops requests whose inbox has no subscriber; what is
+        delivered and not acked is redelivered to other instances after ack_wait."""
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error, ValueError):
+                await self._sub.unsubscribe()
+
+    async def _ask(self, room: int) -> None:
+        uncovered = room - self._credit - len(self._ready)
+        if uncovered < max(1, min(room, self._largest) // 2):
+            return  # asking for a few at a time costs a request per few messages
+        size = min(uncovered, self._largest)
+        request = orjson.dumps({"batch": size, "expires": int(REQUEST_EXPIRES * 1e9)})
+        try:
+            await self._nc.publish(self._next, request, reply=self._inbox)
+        except nats.errors.Error as exc:
+            raise BusError(f"pull request failed: {exc!r}") from None
+        self._credit += size
+        self._open.append((time.monotonic() + REQUEST_EXPIRES + REQUEST_GRACE, size))
+
+    async def _receive(self, msg: Msg) -> None:
+        headers = msg.headers
+        if msg.reply or not headers or "Status" not in headers:
+            self._ready.append(msg)  # a JetStream delivery: it carries its ack subject
+            self._credit = max(0, self._credit - 1)
+        elif headers["Status"] != "100":  # not a heartbeat: one request has ended
+            self._ended(headers["Status"], headers)
+        self._arrived.set()
+
+    def _ended(self, status: str, headers: Mapping[str, str]) -> None:
+        if self._open:
+            self._open.popleft()
+        pending = headers.get("Nats-Pending-Messages")
+        if pending is not None and pending.isdigit():
+            self._credit = max(0, self._credit - int(pending))
+        else:
+            self._credit = min(self._credit, sum(size for _, size in self._open))
+        description = headers.get("Description", "")
+        if status == "409" and "Deleted" in description:
+            self._error = "consumer deleted"
+        elif status not in ("408", "409"):  # 408: expired; other 409s: leadership change...
+            self._error = f"pull request failed: {status} {description}".rstrip()
+
+    def _prune(self) -> None:
+        # A request whose end the server never reported (the connection dropped it) stops
+        # counting a little after it expired, so lost credit can never stall the stage.
+        now, stale = time.monotonic(), False
+        while self._open and self._open[0][0] < now:
+            self._open.popleft()
+            stale = True
+        if stale or not self._open:
+            self._credit = min(self._credit, sum(size for _, size in self._open))
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise BusError(error)
 
 
 # -- configuration mapping ----------------------------------------------------------------

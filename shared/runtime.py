@@ -31,9 +31,9 @@ log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("prompt-orchestrator")
 
 FETCH_WAIT = 1.0
-"""Longest a fetch waits for messages; also bounds how long a stop takes to be noticed."""
+"""Longest the loop waits for a message; also bounds how long a stop takes to be noticed."""
 REFILL_WAIT = 0.005
-"""How long free slots wait for more to free up before a smaller fetch fills them."""
+"""How long a few free slots wait for more to free up before work is handed to them."""
 WATCHDOG_PERIOD = 0.5
 """How often handler deadlines are checked: a timeout fires up to this much late."""
 ISOLATE_AFTER = 2
@@ -101,8 +101,8 @@ class StageRuntime:
         heartbeat = asyncio.create_task(self._keep_alive())
         watchdog = asyncio.create_task(self._watchdog())
         limit, batch = self._cfg.concurrency, self._cfg.batch
-        # Refill in sizeable fetches: topping up one slot at a time costs a round trip per
-        # message. A free slot still gets work within REFILL_WAIT when handlers are slow.
+        # Hand out work in sizeable portions: a task per message is cheap, a loop turn per
+        # message is not. A free slot still gets work within REFILL_WAIT when handlers are slow.
         refill = max(1, min(batch, limit) // 2)
         room = asyncio.Event()
 
@@ -112,9 +112,15 @@ class StageRuntime:
                 room.set()
 
         try:
-            while not self._stopping.is_set():
+            while True:
                 self.last_loop = time.monotonic()
-                if pause_requested.is_set():
+                puller = affinity.puller
+                # Stopping or handing partitions over: ask for nothing more, but take in
+                # what was asked for; delivered to a closed inbox it would wait for ack_wait.
+                winding_down = self._stopping.is_set() or pause_requested.is_set()
+                if winding_down and (puller is None or puller.idle):
+                    if self._stopping.is_set():
+                        break
                     if tasks:
                         await asyncio.wait(tasks)
                     parked.set()
@@ -130,7 +136,6 @@ class StageRuntime:
                             async with asyncio.timeout(REFILL_WAIT):
                                 await room.wait()
                     free = limit - len(tasks)
-                puller = affinity.puller
                 if puller is None or not affinity.owned:  # more instances than partitions
                     affinity.changed.clear()
                     with contextlib.suppress(TimeoutError):
@@ -138,7 +143,7 @@ class StageRuntime:
                             await affinity.changed.wait()
                     continue
                 try:
-                    deliveries = await puller.fetch(min(free, batch), FETCH_WAIT)
+                    deliveries = await puller.fetch(free, FETCH_WAIT, ask=not winding_down)
                 except BusError as exc:
                     log.warning("%s: %s; retrying", self.instance, exc)
                     affinity.check_consumer()  # e.g. deleted from outside: recreate it
@@ -149,8 +154,8 @@ class StageRuntime:
                     tasks.add(task)
                     task.add_done_callback(finished)
         finally:
-            # A fetch is never abandoned half-way (its messages would sit un-acked until
-            # ack_wait); everything fetched is processed before the subscription closes.
+            # Everything received is processed before the subscription closes: abandoned,
+            # it would sit un-acked until ack_wait.
             try:
                 if tasks:
                     await asyncio.wait(tasks)

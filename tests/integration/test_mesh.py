@@ -13,7 +13,7 @@ from shared.client import Client
 from shared.envelope import Envelope
 from shared.retrieval import Retriever
 from shared.topology import Topology
-from tests.support import collect, settings_for, wait_until_consuming
+from tests.support import StageProcess, collect, settings_for, stage_env, wait_until_consuming
 
 SESSIONS = [f"session-{i}" for i in range(6)] + ["with.dots and spaces*>", "会话"]
 STAGE_NAMES = [spec.name for spec in PIPELINE]
@@ -180,3 +180,29 @@ async def test_trace_context_travels_through_every_stage(nats_server, mesh):
     expected = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     assert stored.headers.get("traceparent") == expected, stored.headers
     assert "traceparent" not in plain.headers
+
+
+@pytest.mark.slow
+async def test_a_nats_server_restart_loses_nothing(nats_binary, tmp_path):
+    # Pull requests do not survive the restart: stages must notice and ask again.
+    env = stage_env(nats_binary.url)
+    procs = [StageProcess(spec.name, env, tmp_path) for spec in PIPELINE]
+    settings = settings_for(env)
+    try:
+        client = await Client.connect(settings, nats_binary.url)
+        try:
+            await wait_until_consuming(nats_binary.url, settings)
+            sent = await publish_all(client, 100)
+            await collect(client, set(sent), 60)
+            nats_binary.stop()
+            nats_binary.start()  # same port, same store: the streams are still there
+            await wait_until_consuming(nats_binary.url, settings)
+            sent.update(await publish_all(client, 100))
+        finally:
+            await client.close()
+        await check_exactly_once(nats_binary.url, settings, sent, timeout=60)
+    finally:
+        for p in procs:
+            p.signal(signal.SIGTERM)
+        codes = {p.stage: p.stop() for p in procs}
+    assert all(code == 0 for code in codes.values()), codes

@@ -1,0 +1,117 @@
+"""The continuous pull: bounded credit, requests that wait on the server, and their end."""
+
+import asyncio
+
+import pytest
+
+from services.registry import STAGES
+from shared.bus import REQUEST_EXPIRES, REQUEST_GRACE, Bus, Delivery, Puller
+from shared.errors import BusError
+from shared.runner import declare
+from shared.settings import load_settings
+from shared.topology import Topology
+
+
+async def take(puller: Puller, count: int) -> list[Delivery]:
+    """Exactly `count` messages, however their delivery is split up."""
+    got: list[Delivery] = []
+    for _ in range(10):
+        got += await puller.fetch(count - len(got), 2.0)
+        if len(got) == count:
+            return got
+    raise AssertionError(f"{len(got)} of {count} messages arrived")
+
+
+async def setup(url: str, messages: int) -> tuple[Bus, Topology, object]:
+    settings = load_settings(nats_url=url)
+    topology = Topology(settings)
+    bus = await Bus.connect(url, name="t")
+    await declare(bus, settings)
+    spec = STAGES["post"]
+    for i in range(messages):
+        await bus.publish(topology.channel_subject(spec.input, 0), b"{}", msg_id=f"m{i}")
+    consumer = topology.consumer(spec, "one", [0])
+    await bus.ensure_consumer(consumer)
+    return bus, topology, consumer
+
+
+async def test_a_puller_holds_no_more_than_the_room_it_was_given(nats_server):
+    bus, _, consumer = await setup(nats_server.url, 20)
+    try:
+        puller = await bus.pull(consumer, largest=64)
+        first = await take(puller, 5)
+        await asyncio.sleep(0.3)  # time for anything beyond the room to be delivered
+        view = await bus.consumer(consumer.stream, consumer.durable)
+        assert view is not None and view.state.ack_pending == 5
+        for d in first:
+            await d.ack()
+        second = await take(puller, 8)
+        assert [d.stream_seq for d in first + second] == list(range(1, 14))
+        await asyncio.sleep(0.3)
+        view = await bus.consumer(consumer.stream, consumer.durable)
+        assert view is not None and view.state.ack_pending == 8
+        await puller.close()
+    finally:
+        await bus.close()
+
+
+async def test_a_waiting_request_delivers_what_is_stored_later_without_asking_again(nats_server):
+    bus, topology, consumer = await setup(nats_server.url, 0)
+    try:
+        puller = await bus.pull(consumer, largest=64)
+        assert await puller.fetch(10, 0.2) == []  # asked for 10; nothing there yet
+        view = await bus.consumer(consumer.stream, consumer.durable)
+        assert view is not None and view.state.waiting == 1
+        await bus.publish(topology.channel_subject(STAGES["post"].input, 0), b"{}", msg_id="late")
+        got = await puller.fetch(10, 2.0, ask=False)
+        assert [d.headers["Nats-Msg-Id"] for d in got] == ["late"]
+        await puller.close()
+    finally:
+        await bus.close()
+
+
+async def test_an_unanswered_request_expires_and_the_puller_goes_idle(nats_server):
+    bus, _, consumer = await setup(nats_server.url, 0)
+    try:
+        puller = await bus.pull(consumer, largest=64)
+        assert puller.idle
+        assert await puller.fetch(10, 0.1) == []
+        assert not puller.idle  # the request still waits on the server
+        assert await puller.fetch(10, REQUEST_EXPIRES + 1.0, ask=False) == []
+        assert puller.idle  # the server said it expired
+        view = await bus.consumer(consumer.stream, consumer.durable)
+        assert view is not None and view.state.waiting == 0
+        await puller.close()
+    finally:
+        await bus.close()
+
+
+async def test_a_consumer_deleted_under_a_waiting_request_is_reported(nats_server):
+    bus, _, consumer = await setup(nats_server.url, 0)
+    try:
+        puller = await bus.pull(consumer, largest=64)
+        assert await puller.fetch(10, 0.1) == []
+        await bus.delete_consumer(consumer.stream, consumer.durable)
+        with pytest.raises(BusError, match="consumer deleted"):
+            await puller.fetch(10, 2.0, ask=False)
+        assert puller.idle
+        await puller.close()
+    finally:
+        await bus.close()
+
+
+async def test_requests_lost_in_a_server_restart_stop_counting_and_pulling_resumes(nats_binary):
+    bus, topology, consumer = await setup(nats_binary.url, 0)
+    try:
+        puller = await bus.pull(consumer, largest=64)
+        assert await puller.fetch(10, 0.1) == []
+        nats_binary.stop()  # the waiting request goes with it, and no one says so
+        nats_binary.start()
+        await asyncio.sleep(REQUEST_EXPIRES + REQUEST_GRACE + 0.5)
+        assert puller.idle
+        await bus.publish(topology.channel_subject(STAGES["post"].input, 0), b"{}", msg_id="after")
+        got = await take(puller, 1)
+        assert got[0].headers["Nats-Msg-Id"] == "after"
+        await puller.close()
+    finally:
+        await bus.close()
