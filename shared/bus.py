@@ -1,4 +1,4 @@
-"""The bus: the only module that talks to nats-py.
+"""The bus: the only module that talks to nats-py (with shared.pubacks, its publish acks).
 
 Everything above it speaks the project's own types: `StreamSpec`/`ConsumerSpec` to declare,
 `Delivery` for a received message, and the errors in shared.errors.
@@ -30,6 +30,7 @@ from shared.errors import (
     SubjectTaken,
     TopologyError,
 )
+from shared.pubacks import AckTimeout, PublishAcks
 from shared.topology import ConsumerSpec, StreamSpec
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,7 @@ class Bus:
         self._nc = nc
         self._js = nc.jetstream(timeout=publish_timeout)
         self._jsm = nc.jsm()
+        self._acks = PublishAcks(nc, publish_timeout)
         self._publish_timeout = publish_timeout
         self.closing = False
 
@@ -183,6 +185,11 @@ class Bus:
             raise NotConnected(f"cannot reach NATS at {url} within {wait:g}s: {cause}") from None
         bus = cls(nc, publish_timeout)
         events.bus = bus
+        try:
+            await bus._acks.start()
+        except nats.errors.Error as exc:
+            await nc.close()
+            raise NotConnected(f"cannot subscribe at {url}: {exc!r}") from None
         return bus
 
     async def __aenter__(self) -> "Bus":
@@ -204,6 +211,7 @@ class Bus:
         self.closing = True
         with contextlib.suppress(nats.errors.Error, TimeoutError):
             await self._nc.flush(timeout=2)
+        await self._acks.stop()
         await self._nc.close()
 
     # -- declaring -------------------------------------------------------------------------
@@ -297,23 +305,17 @@ class Bus:
                 f"{size} bytes with headers, over the server's max_payload of "
                 f"{self._nc.max_payload}, for {subject}"
             )
+        reply, acked = self._acks.expect()
         try:
-            ack = await self._js.publish(subject, data, headers=hdrs)
-        except nats.js.errors.ServiceUnavailableError as exc:
-            if exc.err_code == _STORE_FAILED:
-                raise Overloaded(subject, exc.description or "") from None
-            raise BusError(f"publish to {subject} failed: {exc.description}") from None
-        except nats.js.errors.NoStreamResponseError:
-            raise BusError(
-                f"no stream stores {subject!r}: declare the topology (`orchestrator declare`)"
-            ) from None
-        except nats.js.errors.APIError as exc:
-            raise BusError(f"publish to {subject} failed: {exc.description}") from None
-        except (TimeoutError, nats.errors.TimeoutError):
-            raise PublishTimeout(f"no ack for publish to {subject}") from None
+            await self._nc.publish(subject, data, reply=reply, headers=hdrs)
         except nats.errors.Error as exc:
+            self._acks.forget(reply)
             raise BusError(f"publish to {subject} failed: {exc}") from None
-        return ack.seq
+        try:
+            answer = await acked
+        except AckTimeout:
+            raise PublishTimeout(f"no ack for publish to {subject}") from None
+        return _stored_seq(subject, answer)
 
     # -- consuming -------------------------------------------------------------------------
 
@@ -603,6 +605,24 @@ class Puller:
         if self._error is not None:
             error, self._error = self._error, None
             raise BusError(error)
+
+
+def _stored_seq(subject: str, answer: Msg) -> int:
+    """The stream sequence from a publish ack, or the error it reports."""
+    if not answer.data and answer.headers and answer.headers.get("Status") == "503":
+        raise BusError(  # no responders: no stream listens on the subject
+            f"no stream stores {subject!r}: declare the topology (`orchestrator declare`)"
+        )
+    try:
+        reply = orjson.loads(answer.data)
+        error = reply.get("error")
+        if error:
+            if error.get("err_code") == _STORE_FAILED:
+                raise Overloaded(subject, error.get("description", ""))
+            raise BusError(f"publish to {subject} failed: {error.get('description', error)}")
+        return int(reply["seq"])
+    except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+        raise BusError(f"publish to {subject}: unreadable ack {answer.data[:200]!r}") from None
 
 
 # -- configuration mapping ----------------------------------------------------------------
