@@ -118,19 +118,27 @@ class StageRuntime:
                 # Stopping or handing partitions over: ask for nothing more, but take in
                 # what was asked for; delivered to a closed inbox it would wait for ack_wait.
                 winding_down = self._stopping.is_set() or pause_requested.is_set()
+                # Every wait below is bounded by FETCH_WAIT so that the loop keeps turning
+                # (the health check's sign of life) while slow handlers hold every slot.
                 if winding_down and (puller is None or puller.idle):
                     if self._stopping.is_set():
                         break
                     if tasks:
-                        await asyncio.wait(tasks)
+                        await asyncio.wait(tasks, timeout=FETCH_WAIT)
+                        continue
                     parked.set()
-                    await resumed.wait()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(FETCH_WAIT):
+                            await resumed.wait()
                     continue
                 free = limit - len(tasks)
                 if free < refill:
                     room.clear()
                     if free == 0:
-                        await room.wait()
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(FETCH_WAIT):
+                                await room.wait()
+                        continue
                     else:
                         with contextlib.suppress(TimeoutError):
                             async with asyncio.timeout(REFILL_WAIT):
