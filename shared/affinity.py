@@ -232,6 +232,8 @@ class Affinity:
         # partitions that have a new owner. Deleting frees its un-acked messages for whoever
         # owns their partition now.
         await self._release(self._name, under_way=False)  # quiesced: nothing under way
+        if self.puller is not None:
+            self.puller.reset()  # a late delivery of the deleted consumer comes again
         self._consumer_ok = False
         previous, self.owned = self.owned, ()
         if partitions:

@@ -7,6 +7,7 @@ Everything above it speaks the project's own types: `StreamSpec`/`ConsumerSpec` 
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping
@@ -207,6 +208,7 @@ class Bus:
     async def close(self) -> None:
         """Flush what is buffered and close the connection."""
         if self._nc.is_closed:
+            await self._acks.stop()
             return
         self.closing = True
         with contextlib.suppress(nats.errors.Error, TimeoutError):
@@ -308,9 +310,11 @@ class Bus:
         reply, acked = self._acks.expect()
         try:
             await self._nc.publish(subject, data, reply=reply, headers=hdrs)
-        except nats.errors.Error as exc:
+        except BaseException as exc:  # cancelled too: no ack will be awaited
             self._acks.forget(reply)
-            raise BusError(f"publish to {subject} failed: {exc}") from None
+            if isinstance(exc, nats.errors.Error):
+                raise BusError(f"publish to {subject} failed: {exc}") from None
+            raise
         try:
             answer = await acked
         except AckTimeout:
@@ -509,24 +513,37 @@ class Puller:
         self._nc = nc
         self._next = next_subject
         self._largest = largest
+        # Each request has its own reply subject, so the server's word that one has ended
+        # (a status message sent to it) is matched to that request.
         self._inbox = nc.new_inbox()
+        self._requests = itertools.count()
         self._sub: Any = None
-        self._ready: collections.deque[Msg] = collections.deque()
+        self._ready: collections.deque[Delivery] = collections.deque()
         self._credit = 0
-        # Requests the server has not reported ended: (local expiry, size), oldest first.
-        self._open: collections.deque[tuple[float, int]] = collections.deque()
+        # Requests not known to have ended: reply token -> (when to stop counting it, size).
+        self._open: dict[str, tuple[float, int]] = {}
+        self._reconnects = 0
         self._arrived = asyncio.Event()
         self._error: str | None = None
 
     async def start(self) -> None:
         """Subscribe to the inbox the consumer's messages are delivered to."""
-        self._sub = await self._nc.subscribe(self._inbox, cb=self._receive)
+        self._reconnects = self._nc.stats["reconnects"]
+        self._sub = await self._nc.subscribe(self._inbox + ".*", cb=self._receive)
 
     @property
     def idle(self) -> bool:
         """Nothing asked for is still to come, and nothing received is left to take."""
         self._prune()
         return not self._ready and self._credit == 0
+
+    def reset(self) -> None:
+        """Forget what was asked for and received: the consumer was deleted, and what it
+        delivered is delivered again by its successor."""
+        self._ready.clear()
+        self._open.clear()
+        self._credit = 0
+        self._error = None
 
     async def fetch(self, room: int, timeout: float, *, ask: bool = True) -> list[Delivery]:
         """Up to `room` messages: those already received, else the first to arrive within
@@ -546,7 +563,7 @@ class Puller:
                     await self._arrived.wait()
             self._raise_error()
         ready, count = self._ready, min(room, len(self._ready))
-        return [Delivery(ready.popleft()) for _ in range(count)]
+        return [ready.popleft() for _ in range(count)]
 
     async def close(self) -> None:
         """Stop pulling. The server drops requests whose inbox has no subscriber; what is
@@ -556,50 +573,67 @@ class Puller:
                 await self._sub.unsubscribe()
 
     async def _ask(self, room: int) -> None:
+        if not self._nc.is_connected:
+            return  # nats-py would buffer the request and send it, stale, after reconnecting
         uncovered = room - self._credit - len(self._ready)
         if uncovered < max(1, min(room, self._largest) // 2):
             return  # asking for a few at a time costs a request per few messages
         size = min(uncovered, self._largest)
+        token = str(next(self._requests))
         request = orjson.dumps({"batch": size, "expires": int(REQUEST_EXPIRES * 1e9)})
         try:
-            await self._nc.publish(self._next, request, reply=self._inbox)
+            await self._nc.publish(self._next, request, reply=f"{self._inbox}.{token}")
         except nats.errors.Error as exc:
             raise BusError(f"pull request failed: {exc!r}") from None
         self._credit += size
-        self._open.append((time.monotonic() + REQUEST_EXPIRES + REQUEST_GRACE, size))
+        self._open[token] = (time.monotonic() + REQUEST_EXPIRES + REQUEST_GRACE, size)
 
     async def _receive(self, msg: Msg) -> None:
         headers = msg.headers
-        if msg.reply or not headers or "Status" not in headers:
-            self._ready.append(msg)  # a JetStream delivery: it carries its ack subject
+        if msg.reply:  # a JetStream delivery: it carries its ack subject
+            try:
+                self._ready.append(Delivery(msg))
+            except Exception as exc:  # nothing on this inbox may stop the stage
+                log.warning("dropped a message on the pull inbox: %r", exc)
+                return
             self._credit = max(0, self._credit - 1)
-        elif headers["Status"] != "100":  # not a heartbeat: one request has ended
-            self._ended(headers["Status"], headers)
+        elif headers and headers.get("Status", "100") != "100":  # not a heartbeat
+            self._ended(msg.subject.rpartition(".")[2], headers)
+        else:
+            return
         self._arrived.set()
 
-    def _ended(self, status: str, headers: Mapping[str, str]) -> None:
-        if self._open:
-            self._open.popleft()
+    def _ended(self, token: str, headers: Mapping[str, str]) -> None:
+        if self._open.pop(token, None) is None:
+            return  # forgotten already: expired here, or asked for before a reset
         pending = headers.get("Nats-Pending-Messages")
         if pending is not None and pending.isdigit():
             self._credit = max(0, self._credit - int(pending))
         else:
-            self._credit = min(self._credit, sum(size for _, size in self._open))
-        description = headers.get("Description", "")
+            self._credit = min(self._credit, sum(size for _, size in self._open.values()))
+        status, description = headers["Status"], headers.get("Description", "")
         if status == "409" and "Deleted" in description:
             self._error = "consumer deleted"
         elif status not in ("408", "409"):  # 408: expired; other 409s: leadership change...
             self._error = f"pull request failed: {status} {description}".rstrip()
 
     def _prune(self) -> None:
-        # A request whose end the server never reported (the connection dropped it) stops
-        # counting a little after it expired, so lost credit can never stall the stage.
-        now, stale = time.monotonic(), False
-        while self._open and self._open[0][0] < now:
-            self._open.popleft()
+        reconnects = self._nc.stats["reconnects"]
+        if reconnects != self._reconnects:
+            # The server dropped the old connection's requests along with its interest.
+            self._reconnects = reconnects
+            self._open.clear()
+        # A request whose end the server never reported stops counting a little after it
+        # expired, so lost credit can never stall the stage.
+        now, stale, requests = time.monotonic(), False, self._open
+        while requests:
+            oldest = next(iter(requests))  # insertion order is expiry order
+            if requests[oldest][0] >= now:
+                break
+            del requests[oldest]
             stale = True
-        if stale or not self._open:
-            self._credit = min(self._credit, sum(size for _, size in self._open))
+        if stale or not requests:
+            self._credit = min(self._credit, sum(size for _, size in self._open.values()))
 
     def _raise_error(self) -> None:
         if self._error is not None:

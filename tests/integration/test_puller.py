@@ -1,6 +1,7 @@
 """The continuous pull: bounded credit, requests that wait on the server, and their end."""
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -10,6 +11,7 @@ from shared.errors import BusError
 from shared.runner import declare
 from shared.settings import load_settings
 from shared.topology import Topology
+from tests.support import CuttableProxy
 
 
 async def take(puller: Puller, count: int) -> list[Delivery]:
@@ -112,6 +114,66 @@ async def test_requests_lost_in_a_server_restart_stop_counting_and_pulling_resum
         await bus.publish(topology.channel_subject(STAGES["post"].input, 0), b"{}", msg_id="after")
         got = await take(puller, 1)
         assert got[0].headers["Nats-Msg-Id"] == "after"
+        await puller.close()
+    finally:
+        await bus.close()
+
+
+async def test_a_cut_connection_never_leaves_more_than_the_room_delivered(nats_server):
+    # While the connection is down nothing is asked for: nats-py would buffer the requests
+    # and send them all, stale, once it reconnects.
+    bus, topology, consumer = await setup(nats_server.url, 0)
+    port = int(nats_server.url.rsplit(":", 1)[1])
+    proxy = CuttableProxy(port)
+    await proxy.start()
+    far = await Bus.connect(f"nats://127.0.0.1:{proxy.port}", name="behind-proxy")
+    held: list[Delivery] = []
+    stop = asyncio.Event()
+
+    async def consume(puller: Puller) -> None:
+        while not stop.is_set():
+            room = 4 - len(held)
+            if room == 0:
+                await asyncio.sleep(0.05)
+                continue
+            with contextlib.suppress(BusError):
+                held.extend(await puller.fetch(room, 0.5))
+
+    try:
+        puller = await far.pull(consumer, largest=64)
+        task = asyncio.create_task(consume(puller))
+        await asyncio.sleep(0.5)
+        proxy.cut()
+        await asyncio.sleep(REQUEST_EXPIRES + REQUEST_GRACE + 1.5)  # past every local expiry
+        subject = topology.channel_subject(STAGES["post"].input, 0)
+        for i in range(50):
+            await bus.publish(subject, b"{}", msg_id=f"m{i}")
+        proxy.restore()
+        async with asyncio.timeout(30):
+            while len(held) < 4:
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)  # time for anything beyond the room to be delivered
+        view = await bus.consumer(consumer.stream, consumer.durable)
+        assert view is not None and view.state.ack_pending == 4
+        stop.set()
+        await task
+    finally:
+        await far.close()
+        await proxy.stop()
+        await bus.close()
+
+
+async def test_reset_forgets_what_a_deleted_consumer_delivered(nats_server):
+    bus, _, consumer = await setup(nats_server.url, 5)
+    try:
+        puller = await bus.pull(consumer, largest=64)
+        assert await puller.fetch(5, 0) == []  # asked for 5, took nothing yet
+        await asyncio.sleep(0.3)
+        assert not puller.idle  # five received, none taken
+        await bus.delete_consumer(consumer.stream, consumer.durable)
+        puller.reset()
+        assert puller.idle
+        assert await puller.fetch(5, 0.5, ask=False) == []
         await puller.close()
     finally:
         await bus.close()
