@@ -378,6 +378,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             "platform": platform.platform(),
             "loop": _loop_name(),
         },
+        "code": _code_version(),
         "requests": n,
         "quick": quick,
         "results": [asdict(m) for m in results],
@@ -385,6 +386,22 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "faststream": "installed" if _faststream_available() else "not installed",
         "table": _table(results),
     }
+
+
+def _code_version() -> str:
+    """The commit measured, with "+changes" when the checkout differs from it."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                              capture_output=True, text=True, timeout=10)  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "shared", "services",
+                                "bench/run.py", "bench/raw_hop.py"],
+                               cwd=root, capture_output=True, text=True, timeout=10)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 def _loop_name() -> str:
@@ -412,6 +429,7 @@ def main() -> None:
     report = asyncio.run(run(args))
     print(report["table"])
     print("ratios:", json.dumps(report["ratios"]))
+    print("code:", report["code"])
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
