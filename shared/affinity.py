@@ -9,10 +9,11 @@ the bucket's subjects. From that shared state every instance computes the same a
 Ownership is enforced by the server: an instance reads through its own durable consumer whose
 `filter_subjects` are its partitions, and a work-queue stream refuses two consumers with
 overlapping subjects. Every change waits until the instance has finished what it holds (the
-runtime pauses fetching), so no message is handled by two owners. Partitions are released by
-narrowing the consumer in place; they are acquired by creating the consumer afresh, because a
-consumer that gains a subject would skip that subject's messages behind its cursor, while a
-new one on a work-queue stream is delivered exactly the messages nobody has acked.
+runtime stops pulling), so no message is handled by two owners. Partitions are released and
+acquired by recreating the consumer: one that gains a subject would skip that subject's
+messages behind its cursor, and one narrowed in place would still redeliver messages of
+partitions that have a new owner, while a new one on a work-queue stream is delivered
+exactly the messages nobody has acked.
 
 An instance taking over from one that fell silent for `failover_after` deletes the silent
 one's consumer, which frees its un-acked messages at once. A stopping instance deletes its

@@ -161,10 +161,10 @@ def _parser() -> argparse.ArgumentParser:
         sub,
         "run",
         "run one stage until Ctrl-C/SIGTERM",
-        "Run one stage in this process until Ctrl-C/SIGTERM, then drain: stop fetching, "
+        "Run one stage in this process until Ctrl-C/SIGTERM, then drain: stop pulling, "
         "finish what it holds, ack, hand its partitions over and exit 0. The same as "
         "`python -m services.STAGE`. It declares the streams on start and creates its own "
-        "consumers for the partitions it owns.",
+        "consumer for the partitions it owns.",
     )
     run.add_argument("stage", choices=_stage_names(), help="the stage to run")
 

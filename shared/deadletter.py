@@ -30,14 +30,17 @@ _MAX_HEADER = 1024  # NATS headers are small; a long error is cut, never the pay
 _SAFE = "".join(ch for ch in string.printable if ch not in "%\t\n\r\x0b\x0c")
 
 
-def encode_value(value: str) -> str:
-    """Percent-encode what a header value cannot carry as it is (non-ASCII, controls, '%').
+def encode_value(value: str, limit: int | None = _MAX_HEADER) -> str:
+    """Percent-encode what a header value cannot carry as it is (non-ASCII, controls, '%'),
+    cut to `limit` characters (ending in '...') unless `limit` is None.
 
     NATS headers are parsed like e-mail headers by most clients, which mangle non-ASCII
     text; escaping keeps session ids and error messages exact across every client.
     """
     encoded = quote(value, safe=_SAFE)
-    return encoded if len(encoded) <= _MAX_HEADER else encoded[: _MAX_HEADER - 3] + "..."
+    if limit is None or len(encoded) <= limit:
+        return encoded
+    return encoded[: limit - 3] + "..."
 
 
 def decode_value(value: str | None) -> str | None:
@@ -69,7 +72,8 @@ def entry_headers(
     if request_id:
         hdrs[REQUEST_ID] = request_id
     if session_id:
-        hdrs[SESSION_ID] = encode_value(session_id)
+        # Never cut: `dlq --session` must match it. The envelope bounds it (1024 characters).
+        hdrs[SESSION_ID] = encode_value(session_id, limit=None)
     for key in (TRACEPARENT, TRACESTATE):
         if original and key in original:
             hdrs[key] = original[key]

@@ -58,7 +58,7 @@ def nats_server(tmp_path: Path) -> Iterator[NatsHandle]:
         from testcontainers.core.container import DockerContainer
         from testcontainers.core.waiting_utils import wait_for_logs
 
-        container = DockerContainer("nats:2.11").with_command("-js").with_exposed_ports(4222)
+        container = DockerContainer("nats:2.12").with_command("-js").with_exposed_ports(4222)
         with container:
             wait_for_logs(container, "Server is ready", timeout=30)
             host = container.get_container_host_ip()

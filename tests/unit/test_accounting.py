@@ -151,3 +151,12 @@ def test_header_values_round_trip_any_text_as_ascii():
         assert headers["Orch-Error"].isascii() and headers["Orch-Session-Id"].isascii()
         entry = Entry.parse(1, b"", headers)
         assert (entry.error, entry.session_id) == (text, text)
+
+
+def test_a_long_session_id_is_kept_whole_so_filters_match_it():
+    session = "会话" * 512  # the longest the envelope allows, 9 characters each when encoded
+    headers = entry_headers(reason="failed", error="E", stage="post", subject="s",
+                            delivered=1, session_id=session)  # fmt: skip
+    entry = Entry.parse(1, b"", headers)
+    assert entry.session_id == session
+    assert EntryFilter(session=session).matches(entry)
