@@ -103,11 +103,12 @@ class Affinity:
         self._task = asyncio.create_task(self._follow(), name=f"affinity-{self.instance}")
         self._beat_task = asyncio.create_task(self._beat(), name=f"heartbeat-{self.instance}")
 
-    async def leave(self) -> None:
+    async def leave(self, under_way: bool = False) -> None:
         """Hand the partitions over now: delete this instance's consumer and announcement.
 
-        Best effort and never raising: whatever fails here, the others take over after
-        `failover_after` anyway.
+        `under_way` says handlers were cut off: what the consumer holds un-acked is then
+        recorded as lost, not as failed. Best effort and never raising: whatever fails here,
+        the others take over after `failover_after` anyway.
         """
         self._leaving = True
         for task in (self._task, self._beat_task):
@@ -116,7 +117,7 @@ class Affinity:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
         with contextlib.suppress(Exception):
-            await self._release(self._name, under_way=False)  # drained: nothing under way
+            await self._release(self._name, under_way=under_way)
         if self._kv is not None:
             with contextlib.suppress(Exception):
                 await self._kv.delete(self._key)

@@ -88,6 +88,8 @@ class StageGroup:
             log.warning("%s did not drain in %.0fs; its messages will be redelivered",
                         task.get_name(), self._drain_timeout)  # fmt: skip
             task.cancel()
+        if pending:  # let each hand its partitions over before the connection closes
+            await asyncio.wait(pending, timeout=15.0)
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 exc = task.exception() if task.done() and not task.cancelled() else None

@@ -108,7 +108,8 @@ class StageRuntime:
 
         def finished(task: asyncio.Task[None]) -> None:
             tasks.discard(task)
-            if limit - len(tasks) >= refill:
+            free = limit - len(tasks)
+            if free >= refill or free == 1:  # 1: the first slot after all were busy
                 room.set()
 
         try:
@@ -120,7 +121,9 @@ class StageRuntime:
                 winding_down = self._stopping.is_set() or pause_requested.is_set()
                 # Every wait below is bounded by FETCH_WAIT so that the loop keeps turning
                 # (the health check's sign of life) while slow handlers hold every slot.
-                if winding_down and (puller is None or puller.idle):
+                # Once parked, the consumer may be deleted and recreated under the puller:
+                # nothing is taken until the move is over.
+                if winding_down and (puller is None or puller.idle or parked.is_set()):
                     if self._stopping.is_set():
                         break
                     if tasks:
@@ -164,13 +167,23 @@ class StageRuntime:
         finally:
             # Everything received is processed before the subscription closes: abandoned,
             # it would sit un-acked until ack_wait.
+            cut_off = False
             try:
                 if tasks:
                     await asyncio.wait(tasks)
+            except asyncio.CancelledError:
+                # drain_timeout passed: what is still under way is cut off, and counted as
+                # such, rather than left running without its watchdog and keep-alive.
+                cut_off = bool(tasks)
+                for task in tasks:
+                    task.cancel()
+                if tasks:
+                    await asyncio.wait(tasks, timeout=5.0)
+                raise
             finally:  # even when cancelled after drain_timeout, hand the partitions over
                 heartbeat.cancel()
                 watchdog.cancel()
-                await asyncio.shield(affinity.leave())
+                await asyncio.shield(affinity.leave(under_way=cut_off))
 
     async def _process(self, delivery: Delivery) -> None:
         received = time.time()
