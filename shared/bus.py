@@ -155,7 +155,6 @@ class Bus:
         self._js = nc.jetstream(timeout=publish_timeout)
         self._jsm = nc.jsm()
         self._acks = PublishAcks(nc, publish_timeout)
-        self._publish_timeout = publish_timeout
         self.closing = False
 
     @classmethod

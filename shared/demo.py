@@ -9,7 +9,7 @@ from shared.client import Client
 from shared.latency import format_table, stage_latencies
 from shared.runner import StageGroup, declare
 from shared.settings import Settings
-from shared.status import coverage
+from shared.status import until_consuming
 
 QUESTIONS = (
     ("alice", "What is JetStream and how does it store messages?"),
@@ -36,7 +36,9 @@ async def run_demo(settings: Settings, url: str, requests: int, out: TextIO) -> 
         await declare(bus, settings)
         group = StageGroup(settings, bus, PIPELINE)
         group.start()
-        await _until_consuming(bus, settings)  # the table shows the pipeline, not its start-up
+        # Requests sent sooner wait in the intake until the stages are up, which is real but
+        # not what the latency table is for; after 10 s they are sent anyway.
+        await until_consuming(bus, settings, timeout=10.0)
         asks = [QUESTIONS[i % len(QUESTIONS)] for i in range(requests)]
         results = await asyncio.gather(
             *(client.ask(text, session, timeout=30.0) for session, text in asks)
@@ -51,13 +53,3 @@ async def run_demo(settings: Settings, url: str, requests: int, out: TextIO) -> 
             await group.stop()
         await client.close()
         await bus.close()
-
-
-async def _until_consuming(bus: Bus, settings: Settings, timeout: float = 10.0) -> None:
-    # Requests sent sooner wait in the intake until the stages are up, which is real but not
-    # what the latency table is for; after `timeout` they are sent anyway.
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not all((await coverage(bus, settings)).values()):
-        if asyncio.get_running_loop().time() > deadline:
-            return
-        await asyncio.sleep(0.02)

@@ -1,5 +1,7 @@
 """`orchestrator status`: the accounting identity and each stage's queue, read from the server."""
 
+import asyncio
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -112,6 +114,16 @@ async def coverage(bus: Bus, settings: Settings) -> dict[str, bool]:
                 held |= {topology.partition_of_subject(s) for s in view.subjects} - {None}
         out[spec.name] = held == set(range(settings.partitions))
     return out
+
+
+async def until_consuming(bus: Bus, settings: Settings, timeout: float) -> bool:
+    """Wait until every stage `coverage` reports covered; False if `timeout` passed first."""
+    deadline = time.monotonic() + timeout
+    while not all((await coverage(bus, settings)).values()):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
 
 
 def verdict(status: Status) -> tuple[str, list[str]]:

@@ -127,13 +127,12 @@ async def wait_until_consuming(url: str, settings: Settings, timeout: float = 30
     with a pull request waiting."""
     from shared.bus import Bus
     from shared.runner import declare
-    from shared.status import coverage
+    from shared.status import until_consuming
 
     async with await Bus.connect(url, name="test-ready") as bus:
         await declare(bus, settings)
-        async with asyncio.timeout(timeout):
-            while not all((await coverage(bus, settings)).values()):
-                await asyncio.sleep(0.05)
+        if not await until_consuming(bus, settings, timeout):
+            raise TimeoutError(f"stages not all consuming after {timeout}s")
 
 
 def orchestrator_command() -> list[str]:
