@@ -1,20 +1,25 @@
 """Helpers for integration tests: stage processes, settings, result collection."""
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from services.registry import STAGES
+from shared.bus import Bus, Delivery, Puller
 from shared.client import Client
 from shared.envelope import Result
 from shared.settings import Settings, load_settings
 
 if TYPE_CHECKING:
+    from shared.runner import StageGroup
+    from shared.runtime import StageRuntime
     from shared.status import Status
 
 ROOT = Path(__file__).parents[1]
@@ -165,6 +170,48 @@ def peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     raise AssertionError(f"no VmHWM for pid {pid}")
+
+
+async def take(puller: Puller, count: int) -> list[Delivery]:
+    """Exactly `count` messages from `puller`, however their delivery is split up."""
+    got: list[Delivery] = []
+    for _ in range(10):
+        got += await puller.fetch(count - len(got), 2.0)
+        if len(got) == count:
+            return got
+    raise AssertionError(f"{len(got)} of {count} messages arrived")
+
+
+@contextlib.asynccontextmanager
+async def in_process_pipeline(
+    url: str, **overrides: str
+) -> AsyncIterator[tuple[Settings, Bus, Client, "StageGroup"]]:
+    """The five stages on this event loop with `overrides` (ORCH_* settings), a bus and a
+    client; everything is stopped afterwards."""
+    from services.registry import PIPELINE
+    from shared.runner import StageGroup, declare
+
+    settings = settings_for(stage_env(url, **overrides))
+    bus = await Bus.connect(url, name="test-in-process")
+    client = await Client.connect(settings, url)
+    group = StageGroup(settings, bus, PIPELINE)
+    try:
+        await declare(bus, settings)
+        group.start()
+        yield settings, bus, client, group
+    finally:
+        await group.stop()
+        await client.close()
+        await bus.close()
+
+
+async def busy_runtime(group: "StageGroup", stage: str) -> "StageRuntime":
+    """The group's runtime of `stage`, once it has a message under way."""
+    runtime = next(rt for rt in group.runtimes if rt.spec.name == stage)
+    async with asyncio.timeout(30):
+        while not runtime._inflight:
+            await asyncio.sleep(0.05)
+    return runtime
 
 
 class CuttableProxy:

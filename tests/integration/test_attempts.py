@@ -2,20 +2,11 @@
 
 from services.registry import STAGES
 from shared.attempts import AttemptLog, Prior
-from shared.bus import MSG_ID, Bus, Delivery, Puller
+from shared.bus import MSG_ID, Bus
 from shared.runner import declare
 from shared.settings import load_settings
 from shared.topology import Topology
-
-
-async def fetch(puller: Puller, count: int) -> list[Delivery]:
-    """Exactly `count` messages, however their delivery is split up."""
-    got: list[Delivery] = []
-    for _ in range(10):
-        got += await puller.fetch(count - len(got), 2.0)
-        if len(got) == count:
-            return got
-    raise AssertionError(f"{len(got)} of {count} messages arrived")
+from tests.support import take
 
 
 async def test_unsettled_messages_of_a_consumer_are_recorded_once(nats_server):
@@ -31,7 +22,7 @@ async def test_unsettled_messages_of_a_consumer_are_recorded_once(nats_server):
         consumer = topology.consumer(spec, "dead", [0, 1])
         await bus.ensure_consumer(consumer)
         puller = await bus.pull(consumer)
-        got = await fetch(puller, 6)  # m0 m1 m3 m4 m6 m7: partition 2 is not its
+        got = await take(puller, 6)  # m0 m1 m3 m4 m6 m7: partition 2 is not its
         assert [d.headers[MSG_ID] for d in got] == ["m0", "m1", "m3", "m4", "m6", "m7"]
         await got[0].ack()
         await got[2].ack()
@@ -78,7 +69,7 @@ async def test_a_stopping_instance_records_retries_as_failures_not_losses(nats_s
         consumer = topology.consumer(spec, "leaving", [0])
         await bus.ensure_consumer(consumer)
         puller = await bus.pull(consumer)
-        [waiting] = await fetch(puller, 1)
+        [waiting] = await take(puller, 1)
         await waiting.nak(delay=30)
         await puller.close()
         log = AttemptLog(bus, settings, spec)

@@ -2,95 +2,83 @@
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
 from services.registry import STAGES
-from shared.bus import REQUEST_EXPIRES, REQUEST_GRACE, Bus, Delivery, Puller
+from shared.bus import REQUEST_EXPIRES, REQUEST_GRACE, Bus, ConsumerState, Delivery, Puller
 from shared.errors import BusError
 from shared.runner import declare
 from shared.settings import load_settings
 from shared.topology import Topology
-from tests.support import CuttableProxy
+from tests.support import CuttableProxy, take
 
 
-async def take(puller: Puller, count: int) -> list[Delivery]:
-    """Exactly `count` messages, however their delivery is split up."""
-    got: list[Delivery] = []
-    for _ in range(10):
-        got += await puller.fetch(count - len(got), 2.0)
-        if len(got) == count:
-            return got
-    raise AssertionError(f"{len(got)} of {count} messages arrived")
-
-
-async def setup(url: str, messages: int) -> tuple[Bus, Topology, object]:
+@contextlib.asynccontextmanager
+async def post_consumer(url: str, messages: int) -> AsyncIterator[tuple[Bus, Topology, Any]]:
+    """A connected bus, the topology, and a consumer of the post stage's partition 0 with
+    `messages` stored for it; the bus is closed afterwards."""
     settings = load_settings(nats_url=url)
     topology = Topology(settings)
-    bus = await Bus.connect(url, name="t")
-    await declare(bus, settings)
-    spec = STAGES["post"]
-    for i in range(messages):
-        await bus.publish(topology.channel_subject(spec.input, 0), b"{}", msg_id=f"m{i}")
-    consumer = topology.consumer(spec, "one", [0])
-    await bus.ensure_consumer(consumer)
-    return bus, topology, consumer
+    async with await Bus.connect(url, name="t") as bus:
+        await declare(bus, settings)
+        spec = STAGES["post"]
+        for i in range(messages):
+            await bus.publish(topology.channel_subject(spec.input, 0), b"{}", msg_id=f"m{i}")
+        consumer = topology.consumer(spec, "one", [0])
+        await bus.ensure_consumer(consumer)
+        yield bus, topology, consumer
+
+
+async def state(bus: Bus, consumer: Any) -> ConsumerState:
+    """The consumer's delivery state as the server reports it now."""
+    view = await bus.consumer(consumer.stream, consumer.durable)
+    assert view is not None
+    return view.state
 
 
 async def test_a_puller_holds_no_more_than_the_room_it_was_given(nats_server):
-    bus, _, consumer = await setup(nats_server.url, 20)
-    try:
+    async with post_consumer(nats_server.url, 20) as (bus, _, consumer):
         puller = await bus.pull(consumer, largest=64)
         first = await take(puller, 5)
         await asyncio.sleep(0.3)  # time for anything beyond the room to be delivered
-        view = await bus.consumer(consumer.stream, consumer.durable)
-        assert view is not None and view.state.ack_pending == 5
+        assert (await state(bus, consumer)).ack_pending == 5
         for d in first:
             await d.ack()
         second = await take(puller, 8)
         assert [d.stream_seq for d in first + second] == list(range(1, 14))
         await asyncio.sleep(0.3)
-        view = await bus.consumer(consumer.stream, consumer.durable)
-        assert view is not None and view.state.ack_pending == 8
+        assert (await state(bus, consumer)).ack_pending == 8
         await puller.close()
-    finally:
-        await bus.close()
 
 
 async def test_a_waiting_request_delivers_what_is_stored_later_without_asking_again(nats_server):
-    bus, topology, consumer = await setup(nats_server.url, 0)
-    try:
+    async with post_consumer(nats_server.url, 0) as (bus, topology, consumer):
         puller = await bus.pull(consumer, largest=64)
         assert await puller.fetch(10, 0.2) == []  # asked for 10; nothing there yet
-        view = await bus.consumer(consumer.stream, consumer.durable)
-        assert view is not None and view.state.waiting == 1
+        assert (await state(bus, consumer)).waiting == 1
         await bus.publish(topology.channel_subject(STAGES["post"].input, 0), b"{}", msg_id="late")
         got = await puller.fetch(10, 2.0, ask=False)
         assert [d.headers["Nats-Msg-Id"] for d in got] == ["late"]
         await puller.close()
-    finally:
-        await bus.close()
 
 
 async def test_an_unanswered_request_expires_and_the_puller_goes_idle(nats_server):
-    bus, _, consumer = await setup(nats_server.url, 0)
-    try:
+    async with post_consumer(nats_server.url, 0) as (bus, _, consumer):
         puller = await bus.pull(consumer, largest=64)
         assert puller.idle
         assert await puller.fetch(10, 0.1) == []
         assert not puller.idle  # the request still waits on the server
         assert await puller.fetch(10, REQUEST_EXPIRES + 1.0, ask=False) == []
         assert puller.idle  # the server said it expired
-        view = await bus.consumer(consumer.stream, consumer.durable)
-        assert view is not None and view.state.waiting == 0
+        assert (await state(bus, consumer)).waiting == 0
         await puller.close()
-    finally:
-        await bus.close()
 
 
 async def test_a_consumer_deleted_under_a_waiting_request_is_reported(nats_server):
-    bus, _, consumer = await setup(nats_server.url, 0)
-    try:
+    async with post_consumer(nats_server.url, 0) as (bus, _, consumer):
         puller = await bus.pull(consumer, largest=64)
         assert await puller.fetch(10, 0.1) == []
         await bus.delete_consumer(consumer.stream, consumer.durable)
@@ -98,13 +86,10 @@ async def test_a_consumer_deleted_under_a_waiting_request_is_reported(nats_serve
             await puller.fetch(10, 2.0, ask=False)
         assert puller.idle
         await puller.close()
-    finally:
-        await bus.close()
 
 
 async def test_requests_lost_in_a_server_restart_stop_counting_and_pulling_resumes(nats_binary):
-    bus, topology, consumer = await setup(nats_binary.url, 0)
-    try:
+    async with post_consumer(nats_binary.url, 0) as (bus, topology, consumer):
         puller = await bus.pull(consumer, largest=64)
         assert await puller.fetch(10, 0.1) == []
         nats_binary.stop()  # the waiting request goes with it, and no one says so
@@ -115,18 +100,11 @@ async def test_requests_lost_in_a_server_restart_stop_counting_and_pulling_resum
         got = await take(puller, 1)
         assert got[0].headers["Nats-Msg-Id"] == "after"
         await puller.close()
-    finally:
-        await bus.close()
 
 
 async def test_a_cut_connection_never_leaves_more_than_the_room_delivered(nats_server):
     # While the connection is down nothing is asked for: nats-py would buffer the requests
     # and send them all, stale, once it reconnects.
-    bus, topology, consumer = await setup(nats_server.url, 0)
-    port = int(nats_server.url.rsplit(":", 1)[1])
-    proxy = CuttableProxy(port)
-    await proxy.start()
-    far = await Bus.connect(f"nats://127.0.0.1:{proxy.port}", name="behind-proxy")
     held: list[Delivery] = []
     stop = asyncio.Event()
 
@@ -139,33 +117,34 @@ async def test_a_cut_connection_never_leaves_more_than_the_room_delivered(nats_s
             with contextlib.suppress(BusError):
                 held.extend(await puller.fetch(room, 0.5))
 
-    try:
-        puller = await far.pull(consumer, largest=64)
-        task = asyncio.create_task(consume(puller))
-        await asyncio.sleep(0.5)
-        proxy.cut()
-        await asyncio.sleep(REQUEST_EXPIRES + REQUEST_GRACE + 1.5)  # past every local expiry
-        subject = topology.channel_subject(STAGES["post"].input, 0)
-        for i in range(50):
-            await bus.publish(subject, b"{}", msg_id=f"m{i}")
-        proxy.restore()
-        async with asyncio.timeout(30):
-            while len(held) < 4:
-                await asyncio.sleep(0.05)
-        await asyncio.sleep(1.0)  # time for anything beyond the room to be delivered
-        view = await bus.consumer(consumer.stream, consumer.durable)
-        assert view is not None and view.state.ack_pending == 4
-        stop.set()
-        await task
-    finally:
-        await far.close()
-        await proxy.stop()
-        await bus.close()
+    async with post_consumer(nats_server.url, 0) as (bus, topology, consumer):
+        proxy = CuttableProxy(int(nats_server.url.rsplit(":", 1)[1]))
+        await proxy.start()
+        far = await Bus.connect(f"nats://127.0.0.1:{proxy.port}", name="behind-proxy")
+        try:
+            puller = await far.pull(consumer, largest=64)
+            task = asyncio.create_task(consume(puller))
+            await asyncio.sleep(0.5)
+            proxy.cut()
+            await asyncio.sleep(REQUEST_EXPIRES + REQUEST_GRACE + 1.5)  # past every expiry
+            subject = topology.channel_subject(STAGES["post"].input, 0)
+            for i in range(50):
+                await bus.publish(subject, b"{}", msg_id=f"m{i}")
+            proxy.restore()
+            async with asyncio.timeout(30):
+                while len(held) < 4:
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(1.0)  # time for anything beyond the room to be delivered
+            assert (await state(bus, consumer)).ack_pending == 4
+            stop.set()
+            await task
+        finally:
+            await far.close()
+            await proxy.stop()
 
 
 async def test_reset_forgets_what_a_deleted_consumer_delivered(nats_server):
-    bus, _, consumer = await setup(nats_server.url, 5)
-    try:
+    async with post_consumer(nats_server.url, 5) as (bus, _, consumer):
         puller = await bus.pull(consumer, largest=64)
         assert await puller.fetch(5, 0) == []  # asked for 5, took nothing yet
         await asyncio.sleep(0.3)
@@ -175,5 +154,3 @@ async def test_reset_forgets_what_a_deleted_consumer_delivered(nats_server):
         assert puller.idle
         assert await puller.fetch(5, 0.5, ask=False) == []
         await puller.close()
-    finally:
-        await bus.close()
