@@ -29,9 +29,9 @@ import nats
 import orjson
 
 from bench.topology import HOPS, declare_raw
+from shared.app.natsserver import EmbeddedNats
 from shared.envelope import encode, new_request
 from shared.latency import percentile
-from shared.natsserver import EmbeddedNats
 from shared.partition import partition_of
 
 ROOT = Path(__file__).parents[1]
@@ -94,15 +94,15 @@ class Deployment:
         url = self.server.url
         env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
         env.update({"ORCH_NATS_URL": url, "ORCH_LOG_LEVEL": "WARNING", **self.config.env})
-        for channel in ("intake", *STAGES[1:]):
-            env[f"ORCH_CHANNELS__{channel.upper()}__CAPACITY"] = str(self.capacity)
+        for stage in STAGES:
+            env[f"ORCH_STAGES__{stage.upper()}__CAPACITY"] = str(self.capacity)
         if self.config.kind in ("raw", "faststream"):
             await declare_raw(url, self.capacity, 512)
             module = "bench.raw_hop" if self.config.kind == "raw" else "bench.faststream_hop"
             cmds = [(f"h{h}", [sys.executable, "-m", module, url, str(h), str(HOPS)])
                     for h in range(1, HOPS + 1)]  # fmt: skip
         elif self.config.kind == "project-up":
-            cmds = [("up", [sys.executable, "-c", "from shared.cli import main; main()", "up"])]
+            cmds = [("up", [sys.executable, "-m", "shared.app", "up"])]
         else:
             cmds = [(s, [sys.executable, "-m", f"services.{s}"]) for s in STAGES]
         for _ in range(self.config.instances):
@@ -114,13 +114,14 @@ class Deployment:
     async def _wait_ready(self) -> None:
         deadline = time.monotonic() + 60
         if self.project:
-            from shared.bus import Bus
-            from shared.settings import load_settings
+            from shared.app.load import load
             from shared.status import coverage
+            from shared.topology import Topology
+            from shared.transport.connection import Bus
 
-            settings = load_settings(nats_url=self.server.url)
+            topology = Topology(load(nats_url=self.server.url))
             async with await Bus.connect(self.server.url, name="bench-ready") as bus:
-                while not all((await coverage(bus, settings)).values()):
+                while not all((await coverage(bus, topology)).values()):
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"{self.config.name}: stages never started consuming")
                     await asyncio.sleep(0.1)

@@ -8,13 +8,13 @@ from collections.abc import AsyncIterator
 
 from opentelemetry import propagate
 
-from shared.bus import Bus
-from shared.envelope import Envelope, MetaValue, Result, decode, encode, new_request
+from shared.envelope import MetaValue, Request, Result, decode, encode, new_request
 from shared.errors import ResultTimeout
 from shared.settings import Settings
-from shared.topology import Topology
+from shared.topology import RESULTS, Topology
+from shared.transport.api import MessageBus
+from shared.transport.connection import Bus
 
-INTAKE = "intake"
 _RESULT_MAX_BYTES = 64 * 1024 * 1024
 _RECHECK = 2.0  # seconds between looks at the results stream while waiting (covers reconnects)
 
@@ -22,7 +22,7 @@ _RECHECK = 2.0  # seconds between looks at the results stream while waiting (cov
 class Client:
     """A connection to the pipeline's intake and results."""
 
-    def __init__(self, bus: Bus, settings: Settings) -> None:
+    def __init__(self, bus: MessageBus, settings: Settings) -> None:
         self.bus = bus
         self.settings = settings
         self.topology = Topology(settings)
@@ -56,11 +56,11 @@ class Client:
         envelope = new_request(
             text, session_id, metadata=metadata, request_id=request_id, deadline=deadline
         )
-        return await self.publish_envelope(envelope)
+        return await self.publish_request(envelope)
 
-    async def publish_envelope(self, envelope: Envelope) -> str:
-        """Submit a prepared envelope; return its request id."""
-        subject = self.topology.subject_for(INTAKE, envelope.session_id)
+    async def publish_request(self, envelope: Request) -> str:
+        """Submit a prepared request; return its request id."""
+        subject = self.topology.intake_subject(envelope.session_id)
         trace_headers: dict[str, str] = {}
         propagate.inject(trace_headers)  # the caller's active trace, if any (W3C traceparent)
         await self.bus.publish(
@@ -93,8 +93,8 @@ class Client:
 
     async def stored_result(self, request_id: str) -> Result | None:
         """The stored result of `request_id`, or None if there is none (yet)."""
-        stored = await self.bus.last_message(
-            self.topology.stream_name("results"), self.topology.result_subject(request_id)
+        stored = await self.bus.admin.last_message(
+            self.topology.stream_name(RESULTS), self.topology.result_subject(request_id)
         )
         return decode(stored.data, Result, _RESULT_MAX_BYTES) if stored else None
 
@@ -104,22 +104,22 @@ class Client:
             yield decode(msg.data, Result, _RESULT_MAX_BYTES)
 
     async def _await_result(
-        self, request_id: str, timeout: float, to_publish: Envelope | None
+        self, request_id: str, timeout: float, to_publish: Request | None
     ) -> Result:
         # Subscribe before publishing (or before looking), so the result cannot slip between.
-        sub = await self.bus.subscribe_core(self.topology.result_subject(request_id))
+        sub = await self.bus.subscribe(self.topology.result_subject(request_id))
         try:
             if to_publish is not None:
-                await self.publish_envelope(to_publish)
+                await self.publish_request(to_publish)
             else:
                 found = await self.stored_result(request_id)
                 if found:
                     return found
             deadline = time.monotonic() + timeout
             while (left := deadline - time.monotonic()) > 0:
-                data = await sub.next(min(left, _RECHECK))
-                if data is not None:
-                    return decode(data, Result, _RESULT_MAX_BYTES)
+                msg = await sub.next_message(min(left, _RECHECK))
+                if msg is not None:
+                    return decode(msg.data, Result, _RESULT_MAX_BYTES)
                 found = await self.stored_result(request_id)
                 if found:
                     return found

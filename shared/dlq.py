@@ -17,11 +17,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from shared import deadletter
-from shared.bus import Bus
 from shared.deadletter import Entry
 from shared.errors import OrchestratorError, Overloaded
-from shared.settings import Settings
 from shared.topology import COUNTERS, DLQ, Topology
+from shared.transport.api import MessageBus
 
 REPLAY_OF = "Orch-Replay-Of"
 """Header on a replayed message: the sequence of the dead-letter entry it came from."""
@@ -72,15 +71,15 @@ Progress = Callable[[int, int], None]
 class DeadLetterQueue:
     """The dead-letter stream of one pipeline."""
 
-    def __init__(self, bus: Bus, settings: Settings) -> None:
+    def __init__(self, bus: MessageBus, topology: Topology) -> None:
         self._bus = bus
-        self._topology = Topology(settings)
+        self._topology = topology
         self.stream = self._topology.stream_name(DLQ)
         self._counters = self._topology.stream_name(COUNTERS)
 
     async def last_seq(self) -> int:
         """The sequence of the last entry ever stored: an operation's end, read at its start."""
-        return (await self._bus.stream_state(self.stream)).last_seq
+        return (await self._bus.admin.stream_state(self.stream)).last_seq
 
     async def entries(
         self,
@@ -100,7 +99,7 @@ class DeadLetterQueue:
         subject = self._topology.dlq_subject(flt.stage or "*", flt.reason or "*")
         seq, found = 1, 0
         while seq <= through and (limit is None or found < limit):
-            msg = await self._bus.message_at(self.stream, seq, subject)
+            msg = await self._bus.admin.message_at(self.stream, seq, subject)
             if msg is None or msg.seq > through:
                 return
             seq = msg.seq + 1
@@ -113,7 +112,7 @@ class DeadLetterQueue:
         """The entry with sequence `seq`, or None."""
         if seq < 1:
             return None
-        msg = await self._bus.message_at(self.stream, seq, self._topology.dlq_subject())
+        msg = await self._bus.admin.message_at(self.stream, seq, self._topology.dlq_subject())
         if msg is None or msg.seq != seq:
             return None
         return Entry.parse(msg.seq, msg.data, msg.headers)
@@ -182,16 +181,15 @@ class DeadLetterQueue:
         )
         counter = self._topology.counter_subject(f"replayed.{channel}")
         await self._bus.increment(counter, 1, msg_id=f"replayed:{key}")
-        await self._bus.delete(self.stream, entry.seq)
+        await self._bus.admin.delete(self.stream, entry.seq)
 
     def _channel_of(self, entry: Entry) -> str:
-        parts = entry.subject.split(".")
-        channels = self._topology.channel_names()
-        if len(parts) != 3 or parts[0] != self._topology.prefix or parts[1] not in channels:
+        channel = self._topology.channel_of_subject(entry.subject)
+        if channel is None:
             raise OrchestratorError(
                 f"entry {entry.seq}: original subject {entry.subject!r} is not a pipeline channel"
             )
-        return parts[1]
+        return channel
 
     async def purge(
         self,
@@ -215,7 +213,7 @@ class DeadLetterQueue:
         async for entry in self.entries(flt, limit, through=through):
             # Counted before deleting: a crash in between is made good by a re-run.
             await self._bus.increment(counter, 1, msg_id=f"purged:{self.stream}:{entry.seq}")
-            if await self._bus.delete(self.stream, entry.seq):
+            if await self._bus.admin.delete(self.stream, entry.seq):
                 deleted += 1
             if progress:
                 progress(deleted, total)

@@ -1,8 +1,9 @@
 """The messages on the wire: pydantic models, JSON via orjson, versioned by a `"v"` field.
 
-A client publishes an `Envelope` with the request fields; each stage fills in its part
-(`context`, `prompt`, `tokens`, `output`) and the runtime appends a `Hop`. The last stage turns
-the envelope into a `Result`. JSON Schemas of these models are under docs/schema/.
+A client publishes a `Request`. Between stages it travels as an `Envelope`: the request's
+fields, a `data` section where stages leave what later stages read (by name: shared.data),
+and the `hops` the runtime appends, one per stage. A last stage turns the envelope into a
+`Result`. JSON Schemas of these models are under docs/schema/.
 """
 
 import time
@@ -38,8 +39,8 @@ class Hop(_Wire):
     done: float
 
 
-class Envelope(_Wire):
-    """A request as it travels between stages."""
+class Request(_Wire):
+    """A request as a client sends it."""
 
     v: Literal[1] = ENVELOPE_VERSION
     request_id: str = Field(pattern=REQUEST_ID_PATTERN)
@@ -48,11 +49,23 @@ class Envelope(_Wire):
     metadata: Metadata = Field(default_factory=dict)
     created_at: float
     deadline: float | None = None
-    context: list[str] = Field(default_factory=list)
-    prompt: str | None = None
-    tokens: list[str] = Field(default_factory=list)
-    output: str | None = None
+
+
+class Envelope(Request):
+    """A request as it travels between stages."""
+
+    data: dict[str, Any] = Field(default_factory=dict, max_length=64)
+    """What stages leave for later stages, by name (shared.data lists the built-in ones).
+    Values are any JSON; a stage that adds one changes no schema."""
     hops: list[Hop] = Field(default_factory=list)
+
+    def with_data(self, **values: Any) -> "Envelope":
+        """A copy with `values` set in `data` (None removes a key)."""
+        data = {**self.data, **values}
+        for key, value in values.items():
+            if value is None:
+                del data[key]
+        return self.model_copy(update={"data": data})
 
 
 class Result(_Wire):
@@ -80,10 +93,10 @@ def new_request(
     metadata: dict[str, MetaValue] | None = None,
     request_id: str | None = None,
     deadline: float | None = None,
-) -> Envelope:
-    """Build a validated request envelope, generating the request id when none is given."""
+) -> Request:
+    """Build a validated request, generating the request id when none is given."""
     try:
-        return Envelope(
+        return Request(
             request_id=request_id or new_request_id(),
             session_id=session_id,
             input=text,

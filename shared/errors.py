@@ -1,12 +1,33 @@
 """The project's exceptions: a shallow tree rooted at OrchestratorError."""
 
+from typing import NamedTuple
+
 
 class OrchestratorError(Exception):
     """Base of every error this project raises on purpose."""
 
 
+class Problem(NamedTuple):
+    """One thing wrong with the configuration: the key it concerns and what is wrong."""
+
+    key: str
+    """Dotted, as in the pipeline file (`stages.post.next`), or an environment variable."""
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.message}" if self.key else self.message
+
+
 class ConfigError(OrchestratorError):
-    """The configuration is invalid or inconsistent."""
+    """The configuration is invalid or inconsistent.
+
+    `problems` lists each problem with its key, when the error is about specific keys; the
+    message puts them all on one line.
+    """
+
+    def __init__(self, message: str, problems: "list[Problem] | None" = None) -> None:
+        super().__init__(message)
+        self.problems = list(problems or [])
 
 
 class BusError(OrchestratorError):

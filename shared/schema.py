@@ -6,9 +6,9 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from shared.envelope import Envelope, Result
+from shared.envelope import Envelope, Request, Result
 
-MODELS: dict[str, type[BaseModel]] = {"envelope": Envelope, "result": Result}
+MODELS: dict[str, type[BaseModel]] = {"request": Request, "envelope": Envelope, "result": Result}
 SCHEMA_DIR = Path(__file__).parents[1] / "docs" / "schema"
 
 

@@ -1,17 +1,22 @@
-"""Configuration: defaults < pipeline TOML file < environment (`ORCH_*`) < explicit overrides.
+"""The settings models: every key of the pipeline file, with its default and its bounds.
 
-Loaded once at the edge (`load_settings`) and passed down; nothing reads settings globally.
-Every key is documented in pipeline.example.toml.
+Loaded once at the edge (shared.config.load_settings) and passed down; nothing reads
+settings globally. The pipeline's stages are part of them: `stages` declares each stage (its
+handler, how it consumes, what follows it) and `entry` names the stage that reads the intake;
+shared.graph checks the graph they form. Every key is documented in pipeline.example.toml.
 """
 
-import os
-import string
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -19,35 +24,61 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from shared.errors import ConfigError
-
-CONFIG_ENV = "ORCH_CONFIG"
+ENV_PREFIX = "ORCH_"
+REFERENCE = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$"
+"""`package.module:name`, how the pipeline file names a factory."""
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ChannelSettings(_Section):
-    """Capacity of one inter-stage stream: when full, publishes into it are rejected."""
+class RouteDecl(_Section):
+    """A rule sending a stage's output somewhere other than its `next` stage."""
 
-    capacity: int = Field(ge=1)
+    when: dict[str, Any] = Field(min_length=1)
+    """Conditions on the output envelope, all of which must hold: a dotted path
+    (`metadata.<key>`, `data.<key>`, `session_id`, `request_id`, `input`) and the value it
+    must equal, or a list of values it may equal. In TOML, `when = { metadata.task = "x" }`."""
+    to: str
+    """The stage the output goes to when the conditions hold."""
+
+    @field_validator("when")
+    @classmethod
+    def _flatten(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # TOML reads `{ metadata.task = "x" }` as {"metadata": {"task": "x"}}.
+        flat: dict[str, Any] = {}
+
+        def walk(prefix: str, node: Mapping[str, Any]) -> None:
+            for key, item in node.items():
+                path = f"{prefix}{key}"
+                if isinstance(item, Mapping):
+                    walk(f"{path}.", item)
+                else:
+                    flat[path] = item
+
+        walk("", value)
+        return flat
+
+
+class StageDecl(_Section):
+    """One stage of the pipeline: its handler, its input channel, how it consumes, what
+    follows it."""
+
+    handler: str = Field(pattern=REFERENCE)
+    """The stage's factory, `package.module:name`: it builds the handler (shared.stage)."""
+    enabled: bool = True
+    """False removes the stage from the graph (e.g. a built-in stage you do not want)."""
+    next: str | None = None
+    """The stage its output goes to; none for a last stage, whose output is the result."""
+    routes: list[RouteDecl] = Field(default_factory=list)
+    """Rules tried in order before `next`; the first that matches decides."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """The handler's own settings, checked against the options model its factory declares."""
+    capacity: int = Field(default=512, ge=1)
+    """Messages its input channel holds; when full, publishing into it fails."""
     max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
-
-
-class Channels(_Section):
-    """The bounded streams between stages, named after the stage that reads them."""
-
-    intake: ChannelSettings = ChannelSettings(capacity=1024)
-    assemble: ChannelSettings = ChannelSettings(capacity=512)
-    inference: ChannelSettings = ChannelSettings(capacity=512)
-    post: ChannelSettings = ChannelSettings(capacity=1024)
-    stream: ChannelSettings = ChannelSettings(capacity=512)
-
-
-class StageSettings(_Section):
-    """How one stage consumes its input."""
-
+    """Bytes its input channel holds."""
     max_ack_pending: int = Field(default=512, ge=1)
     batch: int = Field(default=64, ge=1, le=1024)
     concurrency: int = Field(default=128, ge=1)
@@ -67,14 +98,15 @@ class StageSettings(_Section):
         return value
 
 
-class Stages(_Section):
-    """Per-stage consumer settings."""
+class MiddlewareDecl(_Section):
+    """A middleware wrapped around the handler calls of some stages (shared.middleware)."""
 
-    rag: StageSettings = StageSettings()
-    assemble: StageSettings = StageSettings()
-    inference: StageSettings = StageSettings()
-    post: StageSettings = StageSettings()
-    stream: StageSettings = StageSettings()
+    factory: str = Field(pattern=REFERENCE)
+    """`package.module:name` of its factory."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Passed to the factory, checked against the options model it declares."""
+    stages: list[str] | None = None
+    """The stages it applies to; all when unset."""
 
 
 class ResultsSettings(_Section):
@@ -112,52 +144,16 @@ class DeadLetterSettings(_Section):
     max_bytes: int = Field(default=1024 * 1024 * 1024, ge=1024)
 
 
-class RagSettings(_Section):
-    """Retrieval: a corpus file (one passage per line) or the built-in sample corpus."""
-
-    corpus: Path | None = None
-    top_k: int = Field(default=2, ge=0, le=50)
-
-
-DEFAULT_TEMPLATE = "Context:\n{context}\n\nQuestion: {input}\nAnswer:"
-TEMPLATE_FIELDS = frozenset({"context", "input", "session_id", "request_id"})
-
-
-class AssembleSettings(_Section):
-    """Prompt assembly: a str.format template over the fields in TEMPLATE_FIELDS."""
-
-    template: str = DEFAULT_TEMPLATE
-
-    @field_validator("template")
-    @classmethod
-    def _known_fields(cls, value: str) -> str:
-        try:
-            names = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
-        except ValueError as exc:
-            raise ValueError(f"template is not a valid format string: {exc}") from None
-        unknown = names - TEMPLATE_FIELDS
-        if unknown:
-            raise ValueError(
-                f"template uses unknown fields {sorted(unknown)}; known: {sorted(TEMPLATE_FIELDS)}"
-            )
-        return value
-
-
-class WorkerSettings(_Section):
-    """The model worker the inference stage calls."""
-
-    kind: str = Field(default="echo", min_length=1)
-    """A built-in worker ("echo") or `package.module:factory` for your own."""
-    echo_token_delay: float = Field(default=0.0, ge=0)
-    """Seconds the echo worker waits before each token (to imitate a model's pace)."""
-
-
 class Settings(BaseSettings):
     """Everything a process of this project needs to know, loaded once at start-up."""
 
-    model_config = SettingsConfigDict(env_prefix="ORCH_", env_nested_delimiter="__", extra="forbid")
-    pipeline_data: ClassVar[Mapping[str, Any]] = {}
-    """The parsed pipeline file (load_settings sets it on a subclass); not a setting."""
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__",
+                                      extra="forbid")  # fmt: skip
+    layers: ClassVar[tuple[Mapping[str, Any], ...]] = ()
+    """What load_settings puts under the environment: the pipeline file, then the default
+    graph (set on a subclass); not a setting."""
+    source: ClassVar[Path | None] = None
+    """The pipeline file these settings were read from (set on a subclass); not a setting."""
 
     nats_url: str | None = Field(
         default=None, validation_alias=AliasChoices("ORCH_NATS_URL", "NATS_URL", "nats_url")
@@ -172,14 +168,13 @@ class Settings(BaseSettings):
     publish_timeout: float = Field(default=5.0, gt=0)
     drain_timeout: float = Field(default=30.0, gt=0)
     health_file: Path | None = None
-    channels: Channels = Channels()
-    stages: Stages = Stages()
+    entry: str | None = None
+    """The stage that reads the intake, where clients publish."""
+    stages: dict[str, StageDecl] = Field(default_factory=dict)
+    middleware: list[MiddlewareDecl] = Field(default_factory=list)
     results: ResultsSettings = ResultsSettings()
     dead_letter: DeadLetterSettings = DeadLetterSettings()
     affinity: AffinitySettings = AffinitySettings()
-    rag: RagSettings = RagSettings()
-    assemble: AssembleSettings = AssembleSettings()
-    worker: WorkerSettings = WorkerSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -190,55 +185,6 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Explicit overrides beat the environment, which beats the TOML file."""
-        data = dict(getattr(settings_cls, "pipeline_data", {}))
-        return (init_settings, env_settings, InitSettingsSource(settings_cls, data))
-
-
-def read_pipeline_file(path: Path) -> dict[str, Any]:
-    """Parse the pipeline TOML file; any failure is a one-line ConfigError naming the file.
-
-    A syntax error names the line and column (tomllib puts them in its message).
-    """
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"pipeline file not found: {path}") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read pipeline file {path}: {exc.strerror or exc}") from None
-    try:
-        return tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"pipeline file {path} is not UTF-8 text (byte {exc.start} cannot be decoded)"
-        ) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"pipeline file {path} is not valid TOML: {exc}") from None
-
-
-def load_settings(config: Path | str | None = None, **overrides: Any) -> Settings:
-    """Load settings from `config` (or $ORCH_CONFIG), the environment and `overrides`.
-
-    Overrides whose value is None are ignored, so CLI flags can be passed through as they are.
-    """
-    path = config or os.environ.get(CONFIG_ENV) or None
-    cls: type[Settings] = Settings
-    if path is not None:
-        path = Path(path)
-        cls = type("Settings", (Settings,), {"pipeline_data": read_pipeline_file(path)})
-    try:
-        return cls(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        where = f" in {path} or the environment" if path else " in the environment"
-        raise ConfigError(f"invalid configuration{where}: {_problems(exc)}") from None
-
-
-def _problems(exc: ValidationError) -> str:
-    """Every problem pydantic found, on one line: `key: message (got value)`; ...`."""
-    problems = []
-    for error in exc.errors(include_url=False):
-        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
-        value = error.get("input")
-        got = f" (got {value!r})" if isinstance(value, str | int | float | bool) else ""
-        problems.append(f"{key}: {error['msg']}{got}".replace("\n", " "))
-    return "; ".join(problems)
+        """Explicit overrides beat the environment, which beats the file, then the defaults."""
+        layers = [InitSettingsSource(settings_cls, dict(data)) for data in cls.layers]
+        return (init_settings, env_settings, *layers)

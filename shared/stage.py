@@ -1,30 +1,59 @@
-"""What a stage is: a name, the channel it reads, the channel it writes, and a pure handler.
+"""What a stage is to its author: a factory that builds a handler, with options and a lifecycle.
 
-A handler is a plain async function from an input envelope to an output model. It never
-publishes or acks: the runtime (shared.runtime) does all I/O, in one place.
+A handler is a plain async function from the input envelope to its output: an `Envelope` for
+the next stage, or, from a last stage, the `Result`. It never publishes, acks or retries; the
+runtime (shared.runtime) does all of that, in one place. Raising `Reject` dead-letters the
+request at once (it can never succeed); any other exception is retried with backoff.
+
+The pipeline file names the factory (`handler = "package.module:name"`). The runtime calls it
+once per stage instance with a `StageContext` and uses what it returns:
+
+- the handler itself;
+- an awaitable of the handler (set-up that needs `await`);
+- an async context manager yielding the handler: entered before the first message, exited
+  after the drain. A model worker is loaded once and closed there; an HTTP client opened
+  there is shared by every call of the stage.
+
+`@stage(options=Model)` declares the pydantic model the stage's `options` table is checked
+against (at start-up, and by `orchestrator validate`); without it the factory gets the table
+as a dict.
+
+    class Options(BaseModel):
+        banned: list[str] = []
+
+    @stage(options=Options)
+    def moderate(ctx: StageContext[Options]) -> Handler:
+        async def handle(request: Envelope) -> Envelope:
+            if any(word in OUTPUT.read(request) for word in ctx.options.banned):
+                raise Reject("banned word")
+            return request
+        return handle
 """
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
-from shared.envelope import Envelope
-from shared.settings import Settings
+from shared.components import Context, Factory, declare
+from shared.envelope import Envelope, Result
+from shared.failure import Reject
 
-Handler = Callable[[Envelope], Awaitable[BaseModel]]
-"""An async function turning an input envelope into the next stage's message."""
+Handler = Callable[[Envelope], Awaitable[Envelope | Result]]
+"""An async function turning an input envelope into the next stage's envelope (or the result)."""
 
-RESULTS = "results"
-"""The output channel of the last stage: the results stream, keyed by request id."""
+StageContext = Context
+"""What a stage factory is called with: the stage's name, the instance id and its options."""
+
+__all__ = ["Handler", "NoOptions", "Reject", "StageContext", "stage"]
 
 
-@dataclass(frozen=True)
-class StageSpec:
-    """The declaration of a stage: where it reads, where it writes, how to build its handler."""
+class NoOptions(BaseModel):
+    """The options of a stage that takes none: any key is an error."""
 
-    name: str
-    input: str
-    output: str
-    build: Callable[[Settings], Handler]
-    """Called once at start-up with the loaded settings; returns the handler."""
+    model_config = ConfigDict(extra="forbid")
+
+
+def stage(*, options: type[BaseModel] | None = None) -> Callable[[Callable[..., Any]], Factory]:
+    """Declare a stage factory, and the model its `options` table is checked against."""
+    return declare("stage", options)

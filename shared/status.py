@@ -8,10 +8,9 @@ from typing import Any
 import orjson
 
 from shared.accounting import Accounts, Snapshot, account
-from shared.bus import Bus
-from shared.settings import Settings
-from shared.stage import RESULTS, StageSpec
-from shared.topology import COUNTERS, DLQ, Topology
+from shared.graph import INTAKE
+from shared.topology import COUNTERS, DLQ, RESULTS, Topology
+from shared.transport.api import MessageBus
 
 
 @dataclass(frozen=True)
@@ -47,50 +46,53 @@ class Status:
         }
 
 
-async def read_status(bus: Bus, settings: Settings, stages: list[StageSpec]) -> Status:
-    """Read every counter the status needs from the server."""
-    topology = Topology(settings)
+async def read_status(bus: MessageBus, topology: Topology) -> Status:
+    """Read every counter the status needs from the server, for every stage of the graph."""
+    admin = bus.admin
     channels = topology.channel_names()
-    channel_state = {c: await bus.stream_state(topology.stream_name(c)) for c in channels}
+    channel_state = {c: await admin.stream_state(topology.stream_name(c)) for c in channels}
     dlq_name = topology.stream_name(DLQ)
-    dlq = await bus.stream_state(dlq_name)
-    per_subject = await bus.subject_counts(dlq_name, topology.dlq_subject()) if dlq.messages else {}
+    dlq = await admin.stream_state(dlq_name)
+    per_subject = (
+        await admin.subject_counts(dlq_name, topology.dlq_subject()) if dlq.messages else {}
+    )
     counters = topology.stream_name(COUNTERS)
     replayed = {
-        c: await bus.counter(counters, topology.counter_subject(f"replayed.{c}")) for c in channels
+        c: await admin.counter(counters, topology.counter_subject(f"replayed.{c}"))
+        for c in channels
     }
     snapshot = Snapshot(
-        intake_stored=channel_state["intake"].last_seq,
-        results_stored=(await bus.stream_state(topology.stream_name(RESULTS))).last_seq,
+        intake_stored=channel_state[INTAKE].last_seq,
+        results_stored=(await admin.stream_state(topology.stream_name(RESULTS))).last_seq,
         dead_letters_stored=dlq.last_seq,
         dead_letters_now=dlq.messages,
         channel_messages={c: s.messages for c, s in channel_state.items()},
         replayed=replayed,
-        purged=await bus.counter(counters, topology.counter_subject("purged")),
+        purged=await admin.counter(counters, topology.counter_subject("purged")),
     )
-    members = await members_by_stage(bus, settings)
+    members = await members_by_stage(bus, topology)
     rows = []
-    for spec in stages:
-        views = await bus.consumers(topology.stream_name(spec.input))
-        prefix = topology.dlq_subject(spec.name, "")
+    for stage in topology.graph:
+        views = await admin.consumers(topology.stream_name(stage.channel))
+        prefix = topology.dlq_subject(stage.name, "")
         reasons = {s[len(prefix) :]: n for s, n in per_subject.items() if s.startswith(prefix)}
         rows.append(
             StageStatus(
-                stage=spec.name,
-                queued=channel_state[spec.input].messages,
+                stage=stage.name,
+                queued=channel_state[stage.channel].messages,
                 ack_pending=sum(v.state.ack_pending for v in views),
                 redelivered=sum(v.state.redelivered for v in views),
                 waiting_pulls=sum(v.state.waiting for v in views),
                 dead_lettered=reasons,
-                instances=members.get(spec.name, {}),
+                instances=members.get(stage.name, {}),
             )
         )
     return Status(account(snapshot), rows)
 
 
-async def members_by_stage(bus: Bus, settings: Settings) -> dict[str, dict[str, list[int]]]:
+async def members_by_stage(bus: MessageBus, topology: Topology) -> dict[str, dict[str, list[int]]]:
     """stage -> instance -> owned partitions, from the instances' announcements."""
-    topology = Topology(settings)
+    settings = topology.settings
     kv = await bus.key_value(
         topology.members_bucket(), ttl=settings.affinity.failover_after, storage=settings.storage
     )
@@ -101,25 +103,22 @@ async def members_by_stage(bus: Bus, settings: Settings) -> dict[str, dict[str, 
     return out
 
 
-async def coverage(bus: Bus, settings: Settings) -> dict[str, bool]:
+async def coverage(bus: MessageBus, topology: Topology) -> dict[str, bool]:
     """Per stage: is every partition held by a consumer with a pull waiting?"""
-    from services.registry import PIPELINE
-
-    topology = Topology(settings)
     out = {}
-    for spec in PIPELINE:
+    for stage in topology.graph:
         held: set[int] = set()
-        for view in await bus.consumers(topology.stream_name(spec.input)):
+        for view in await bus.admin.consumers(topology.stream_name(stage.channel)):
             if view.state.waiting:
                 held |= {topology.partition_of_subject(s) for s in view.subjects} - {None}
-        out[spec.name] = held == set(range(settings.partitions))
+        out[stage.name] = held == set(range(topology.partitions))
     return out
 
 
-async def until_consuming(bus: Bus, settings: Settings, timeout: float) -> bool:
+async def until_consuming(bus: MessageBus, topology: Topology, timeout: float) -> bool:
     """Wait until every stage `coverage` reports covered; False if `timeout` passed first."""
     deadline = time.monotonic() + timeout
-    while not all((await coverage(bus, settings)).values()):
+    while not all((await coverage(bus, topology)).values()):
         if time.monotonic() > deadline:
             return False
         await asyncio.sleep(0.02)

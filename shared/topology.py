@@ -1,64 +1,40 @@
 """The streams, subjects and consumers of a pipeline, derived from settings (no I/O here).
 
-Channel `c` (the input of one stage) is stream `<STREAM_PREFIX>_<C>` holding subjects
-`<prefix>.<c>.<partition>`. Results live in `<STREAM_PREFIX>_RESULTS` under
-`<prefix>.results.<request_id>`; dead letters in `<STREAM_PREFIX>_DLQ` under
-`<prefix>.dlq.<stage>.<reason>`; operator counters in `<STREAM_PREFIX>_COUNTERS`.
+Each stage of the graph reads one channel: stream `<STREAM_PREFIX>_<CHANNEL>` holding subjects
+`<prefix>.<channel>.<partition>` (the entry stage's channel is `intake`). Results live in
+`<STREAM_PREFIX>_RESULTS` under `<prefix>.results.<request_id>`; dead letters in
+`<STREAM_PREFIX>_DLQ` under `<prefix>.dlq.<stage>.<reason>`; operator counters in
+`<STREAM_PREFIX>_COUNTERS`.
 """
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Literal
 
+from shared.graph import INTAKE, Graph, Stage
 from shared.partition import partition_of
 from shared.settings import Settings
-from shared.stage import RESULTS, StageSpec
+from shared.transport.api import ConsumerSpec, StreamSpec
 
+RESULTS = "results"
 DLQ = "dlq"
 COUNTERS = "counters"
-
-
-@dataclass(frozen=True)
-class StreamSpec:
-    """The configuration a stream must have; compared field by field with the server's."""
-
-    name: str
-    subjects: tuple[str, ...]
-    retention: Literal["workqueue", "limits"]
-    discard: Literal["new", "old"]
-    max_msgs: int
-    max_bytes: int
-    max_age: float
-    max_msg_size: int
-    max_msgs_per_subject: int
-    storage: Literal["file", "memory"]
-    replicas: int
-    duplicate_window: float
-    counter: bool = False
-    """A counter stream: publishes with `Nats-Incr` add to the subject's value."""
-
-
-@dataclass(frozen=True)
-class ConsumerSpec:
-    """A durable pull consumer of one stage instance, on the partitions it owns."""
-
-    stream: str
-    durable: str
-    filter_subjects: tuple[str, ...]
-    max_ack_pending: int
-    ack_wait: float
-    max_deliver: int
-    inactive_threshold: float | None = None
-    """Seconds without a pull after which the server removes the consumer."""
 
 
 class Topology:
     """Names and configurations of everything a pipeline declares on the server."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, graph: Graph | None = None) -> None:
         self.settings = settings
+        self._graph = graph
         self.prefix = settings.subject_prefix
         self.partitions = settings.partitions
+
+    @property
+    def graph(self) -> Graph:
+        """The stage graph (built on first use: a client needs none of it)."""
+        if self._graph is None:
+            self._graph = Graph(self.settings)
+        return self._graph
 
     def stream_name(self, channel: str) -> str:
         """The stream behind `channel`."""
@@ -72,15 +48,19 @@ class Topology:
         """The subject a session's message travels on in `channel`."""
         return self.channel_subject(channel, partition_of(session_id, self.partitions))
 
+    def intake_subject(self, session_id: str) -> str:
+        """Where a client publishes a request of `session_id`."""
+        return self.subject_for(INTAKE, session_id)
+
     def result_subject(self, request_id: str) -> str:
         """Where the result of `request_id` is stored."""
         return f"{self.prefix}.{RESULTS}.{request_id}"
 
-    def output_subject(self, channel: str, session_id: str, request_id: str) -> str:
-        """The subject a stage publishes to for output `channel`."""
-        if channel == RESULTS:
+    def output_subject(self, stage: str | None, session_id: str, request_id: str) -> str:
+        """Where an output goes: the channel of `stage`, or the results when it is None."""
+        if stage is None:
             return self.result_subject(request_id)
-        return self.subject_for(channel, session_id)
+        return self.subject_for(self.graph[stage].channel, session_id)
 
     def _stream(
         self,
@@ -114,14 +94,17 @@ class Topology:
         )
 
     def channel_names(self) -> list[str]:
-        """The configured inter-stage channels, intake first."""
-        return list(type(self.settings.channels).model_fields)
+        """The channels of the graph's stages, intake first."""
+        return self.graph.channels
 
     def channel_stream(self, channel: str) -> StreamSpec:
         """The bounded work-queue stream of `channel`."""
-        cfg = getattr(self.settings.channels, channel)
+        stage = self.graph.reading(channel)
+        if stage is None:
+            raise KeyError(f"no stage reads channel {channel!r}")
+        decl = stage.decl
         subject = f"{self.prefix}.{channel}.*"
-        return self._stream(channel, subject, "workqueue", "new", cfg.capacity, cfg.max_bytes)
+        return self._stream(channel, subject, "workqueue", "new", decl.capacity, decl.max_bytes)
 
     def results_stream(self) -> StreamSpec:
         """The results stream: limits retention, bounded by age, one message per request."""
@@ -158,18 +141,20 @@ class Topology:
         """The durable consumer of one instance of `stage`."""
         return f"{stage}_{instance}"
 
-    def consumer(self, stage: StageSpec, instance: str, partitions: Iterable[int]) -> ConsumerSpec:
+    def consumer(self, stage: Stage, instance: str, partitions: Iterable[int]) -> ConsumerSpec:
         """The consumer through which `instance` of `stage` reads the partitions it owns."""
-        cfg = getattr(self.settings.stages, stage.name)
+        decl = stage.decl
         return ConsumerSpec(
-            stream=self.stream_name(stage.input),
+            stream=self.stream_name(stage.channel),
             durable=self.consumer_name(stage.name, instance),
-            filter_subjects=tuple(self.channel_subject(stage.input, p) for p in sorted(partitions)),
-            max_ack_pending=cfg.max_ack_pending,
-            ack_wait=cfg.ack_wait,
+            filter_subjects=tuple(
+                self.channel_subject(stage.channel, p) for p in sorted(partitions)
+            ),
+            max_ack_pending=decl.max_ack_pending,
+            ack_wait=decl.ack_wait,
             # One delivery more than the handler gets: a message whose handling crashed the
             # stage on every attempt comes back once more, to be dead-lettered unhandled.
-            max_deliver=cfg.max_deliver + 1,
+            max_deliver=decl.max_deliver + 1,
             # A safety net: the consumer of an instance that vanished unnoticed goes away.
             inactive_threshold=max(60.0, 10 * self.settings.affinity.failover_after),
         )
@@ -179,10 +164,17 @@ class Topology:
         tail = subject.rsplit(".", 1)[-1]
         return int(tail) if tail.isdigit() else None
 
+    def channel_of_subject(self, subject: str) -> str | None:
+        """The channel a subject of this pipeline belongs to, or None."""
+        parts = subject.split(".")
+        if len(parts) != 3 or parts[0] != self.prefix or self.graph.reading(parts[1]) is None:
+            return None
+        return parts[1]
+
     def members_bucket(self) -> str:
         """The key-value bucket where stage instances announce themselves."""
         return f"{self.settings.stream_prefix}_MEMBERS"
 
     def attempts_bucket(self) -> str:
-        """The key-value bucket that counts attempts across consumers (shared.attempts)."""
+        """The key-value bucket that counts attempts across consumers (shared.runtime.attempts)."""
         return f"{self.settings.stream_prefix}_ATTEMPTS"

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from services.registry import PIPELINE
-from shared.natsserver import EmbeddedNats
-from tests.support import StageProcess, stage_env
+from shared.app.natsserver import EmbeddedNats
+from tests.support import STAGE_NAMES, StageProcess, stage_env
 
 
 @dataclass
@@ -76,7 +75,7 @@ def nats_server(tmp_path: Path) -> Iterator[NatsHandle]:
 def mesh(nats_server, tmp_path, request):
     """Start the five stages as separate processes: `env, procs = mesh(**ORCH_overrides)`.
 
-    Parametrized indirectly with a number, every channel gets that capacity.
+    Parametrized indirectly with a number, every stage's input channel gets that capacity.
 
     At the end every process gets SIGTERM and must drain and exit 0.
     """
@@ -86,9 +85,9 @@ def mesh(nats_server, tmp_path, request):
     def start(**overrides: str):
         env = stage_env(nats_server.url, **overrides)
         if sizes is not None:
-            for channel in ("INTAKE", "ASSEMBLE", "INFERENCE", "POST", "STREAM"):
-                env.setdefault(f"ORCH_CHANNELS__{channel}__CAPACITY", str(sizes))
-        procs.extend(StageProcess(spec.name, env, tmp_path) for spec in PIPELINE)
+            for stage in STAGE_NAMES:
+                env.setdefault(f"ORCH_STAGES__{stage.upper()}__CAPACITY", str(sizes))
+        procs.extend(StageProcess(stage, env, tmp_path) for stage in STAGE_NAMES)
         return env, {p.stage: p for p in procs}
 
     yield start

@@ -11,18 +11,25 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from services.registry import STAGES
-from shared.bus import Bus, Delivery, Puller
+from services import DEFAULT_GRAPH
+from shared.app.load import load
 from shared.client import Client
 from shared.envelope import Result
-from shared.settings import Settings, load_settings
+from shared.settings import Settings
+from shared.topology import Topology
+from shared.transport.api import Delivery, Puller
+from shared.transport.connection import Bus
 
 if TYPE_CHECKING:
-    from shared.runner import StageGroup
-    from shared.runtime import StageRuntime
+    from shared.runtime.group import StageGroup
+    from shared.runtime.loop import StageRuntime
     from shared.status import Status
 
 ROOT = Path(__file__).parents[1]
+STAGE_NAMES = list(DEFAULT_GRAPH["stages"])
+"""The built-in stages, in pipeline order."""
+STAGE_NAMES = list(DEFAULT_GRAPH["stages"])
+"""The built-in stages, in pipeline order."""
 
 
 def stage_env(url: str, **overrides: str) -> dict[str, str]:
@@ -39,19 +46,18 @@ def settings_for(env: dict[str, str]) -> Settings:
     try:
         os.environ.clear()
         os.environ.update(env)
-        return load_settings()
+        return load()
     finally:
         os.environ.clear()
         os.environ.update(saved)
 
 
 class StageProcess:
-    """One stage as its own OS process: `python -m services.<stage>`."""
+    """One stage as its own OS process: `orchestrator run <stage>` (`python -m shared.app`)."""
 
     def __init__(
         self, stage: str, env: dict[str, str], log_dir: Path, name: str | None = None
     ) -> None:
-        assert stage in STAGES
         self.stage = stage
         self.name = name or stage
         self.env = env
@@ -66,7 +72,7 @@ class StageProcess:
         self.signalled: int | None = None
         log = open(self.log_dir / f"{self.name}-{self.starts}.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", f"services.{self.stage}"],
+            [sys.executable, "-m", "shared.app", "run", self.stage],
             cwd=ROOT,
             env=self.env,
             stdout=log,
@@ -130,13 +136,13 @@ async def collect(client: Client, wanted: set[str], timeout: float) -> dict[str,
 async def wait_until_consuming(url: str, settings: Settings, timeout: float = 30.0) -> None:
     """Declare the streams, then wait until every partition of every stage has an owner
     with a pull request waiting."""
-    from shared.bus import Bus
-    from shared.runner import declare
+    from shared.runtime.group import declare
     from shared.status import until_consuming
 
+    topology = Topology(settings)
     async with await Bus.connect(url, name="test-ready") as bus:
-        await declare(bus, settings)
-        if not await until_consuming(bus, settings, timeout):
+        await declare(bus, topology)
+        if not await until_consuming(bus, topology, timeout):
             raise TimeoutError(f"stages not all consuming after {timeout}s")
 
 
@@ -150,14 +156,13 @@ def orchestrator_command() -> list[str]:
 
 async def wait_quiet(url: str, settings: Settings, timeout: float = 120.0) -> "Status":
     """Poll `orchestrator status` until nothing is in flight; return that status."""
-    from services.registry import PIPELINE
-    from shared.bus import Bus
     from shared.status import read_status
 
+    topology = Topology(settings)
     async with await Bus.connect(url, name="test-status") as bus:
         async with asyncio.timeout(timeout):
             while True:
-                status = await read_status(bus, settings, list(PIPELINE))
+                status = await read_status(bus, topology)
                 busy = status.accounts.in_flight or any(s.ack_pending for s in status.stages)
                 if not busy:
                     return status
@@ -186,18 +191,18 @@ async def take(puller: Puller, count: int) -> list[Delivery]:
 async def in_process_pipeline(
     url: str, **overrides: str
 ) -> AsyncIterator[tuple[Settings, Bus, Client, "StageGroup"]]:
-    """The five stages on this event loop with `overrides` (ORCH_* settings), a bus and a
-    client; everything is stopped afterwards."""
-    from services.registry import PIPELINE
-    from shared.runner import StageGroup, declare
+    """The pipeline's stages on this event loop with `overrides` (ORCH_* settings), a bus and
+    a client; everything is stopped afterwards."""
+    from shared.runtime.group import StageGroup, declare
 
     settings = settings_for(stage_env(url, **overrides))
+    topology = Topology(settings)
+    group = StageGroup(settings, topology.graph.names, topology)
     bus = await Bus.connect(url, name="test-in-process")
     client = await Client.connect(settings, url)
-    group = StageGroup(settings, bus, PIPELINE)
     try:
-        await declare(bus, settings)
-        group.start()
+        await declare(bus, topology)
+        group.start(bus)
         yield settings, bus, client, group
     finally:
         await group.stop()
@@ -207,9 +212,9 @@ async def in_process_pipeline(
 
 async def busy_runtime(group: "StageGroup", stage: str) -> "StageRuntime":
     """The group's runtime of `stage`, once it has a message under way."""
-    runtime = next(rt for rt in group.runtimes if rt.spec.name == stage)
+    runtime = group.runtime(stage)
     async with asyncio.timeout(30):
-        while not runtime._inflight:
+        while not runtime.in_flight:
             await asyncio.sleep(0.05)
     return runtime
 

@@ -6,7 +6,6 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from shared.settings import WorkerSettings
 from shared.workers import EchoWorker
 
 
@@ -44,9 +43,9 @@ class PoisonWorker(EchoWorker):
             yield token
 
 
-def poison(settings: WorkerSettings) -> PoisonWorker:
-    """Factory for `worker.kind = "tests.workers:poison"`."""
+def poison(options: dict[str, object]) -> PoisonWorker:
+    """Factory for `[stages.inference.options] worker = "tests.workers:poison"`; its
+    `custom.token_delay` paces the echo."""
     log, cure = os.environ.get("POISON_LOG"), os.environ.get("POISON_CURE")
-    return PoisonWorker(
-        settings.echo_token_delay, Path(log) if log else None, Path(cure) if cure else None
-    )
+    delay = float(options.get("token_delay", 0.0))  # type: ignore[arg-type]
+    return PoisonWorker(delay, Path(log) if log else None, Path(cure) if cure else None)

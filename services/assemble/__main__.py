@@ -1,7 +1,9 @@
-"""Run the assemble stage as its own process: `python -m services.assemble`."""
+"""Run the assemble stage as its own process: `python -m services.assemble`.
 
-from services.assemble.stage import SPEC
-from shared.runner import stage_main
+The same as `orchestrator run assemble`: settings from the environment and $ORCH_CONFIG.
+"""
+
+from shared.app.process import stage_main
 
 if __name__ == "__main__":
-    stage_main(SPEC)
+    stage_main("assemble")

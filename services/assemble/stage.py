@@ -1,29 +1,55 @@
-"""assemble: format the prompt from the template, the context and the input."""
+"""assemble: format the prompt (`data.prompt`) from the template, the context and the input."""
 
+import string
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from shared.data import CONTEXT, PROMPT
 from shared.envelope import Envelope
-from shared.settings import Settings
-from shared.stage import Handler, StageSpec
+from shared.stage import Handler, StageContext, stage
+
+DEFAULT_TEMPLATE = "Context:\n{context}\n\nQuestion: {input}\nAnswer:"
+TEMPLATE_FIELDS = frozenset({"context", "input", "session_id", "request_id"})
 
 
-def render(template: str, envelope: Envelope) -> str:
-    """Fill `template` (validated at load time) from the envelope's fields."""
-    context = "\n".join(f"- {passage}" for passage in envelope.context) or "(none)"
+class Options(BaseModel):
+    """`[stages.assemble.options]`: a str.format template over the fields in TEMPLATE_FIELDS."""
+
+    model_config = ConfigDict(extra="forbid")
+    template: str = DEFAULT_TEMPLATE
+
+    @field_validator("template")
+    @classmethod
+    def _known_fields(cls, value: str) -> str:
+        try:
+            names = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        except ValueError as exc:
+            raise ValueError(f"template is not a valid format string: {exc}") from None
+        unknown = names - TEMPLATE_FIELDS
+        if unknown:
+            raise ValueError(
+                f"template uses unknown fields {sorted(unknown)}; known: {sorted(TEMPLATE_FIELDS)}"
+            )
+        return value
+
+
+def render(template: str, request: Envelope) -> str:
+    """Fill `template` (validated at load time) from the request and its context."""
+    context = "\n".join(f"- {passage}" for passage in CONTEXT.read(request, [])) or "(none)"
     return template.format(
         context=context,
-        input=envelope.input,
-        session_id=envelope.session_id,
-        request_id=envelope.request_id,
+        input=request.input,
+        session_id=request.session_id,
+        request_id=request.request_id,
     )
 
 
-def build(settings: Settings) -> Handler:
+@stage(options=Options)
+def assemble(ctx: StageContext[Options]) -> Handler:
     """Bind the configured template."""
-    template = settings.assemble.template
+    template = ctx.options.template
 
-    async def handle(envelope: Envelope) -> Envelope:
-        return envelope.model_copy(update={"prompt": render(template, envelope)})
+    async def handle(request: Envelope) -> Envelope:
+        return PROMPT.write(request, render(template, request))
 
     return handle
-
-
-SPEC = StageSpec(name="assemble", input="assemble", output="inference", build=build)

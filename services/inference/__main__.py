@@ -1,7 +1,9 @@
-"""Run the inference stage as its own process: `python -m services.inference`."""
+"""Run the inference stage as its own process: `python -m services.inference`.
 
-from services.inference.stage import SPEC
-from shared.runner import stage_main
+The same as `orchestrator run inference`: settings from the environment and $ORCH_CONFIG.
+"""
+
+from shared.app.process import stage_main
 
 if __name__ == "__main__":
-    stage_main(SPEC)
+    stage_main("inference")

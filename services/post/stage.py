@@ -1,24 +1,21 @@
-"""post: join the generated tokens into clean text."""
+"""post: clean the model's completion into the answer (`data.output`)."""
 
+from shared.data import COMPLETION, OUTPUT
 from shared.envelope import Envelope
-from shared.settings import Settings
-from shared.stage import Handler, StageSpec
+from shared.stage import Handler, NoOptions, StageContext, stage
 
 
-def clean(tokens: list[str]) -> str:
-    """Join tokens, drop control characters and collapse runs of whitespace."""
-    text = "".join(tokens)
+def clean(text: str) -> str:
+    """Drop control characters and collapse runs of whitespace."""
     text = "".join(ch if ch.isprintable() or ch.isspace() else " " for ch in text)
     return " ".join(text.split())
 
 
-def build(settings: Settings) -> Handler:
-    """No configuration yet."""
+@stage(options=NoOptions)
+def post(ctx: StageContext[NoOptions]) -> Handler:
+    """No options yet."""
 
-    async def handle(envelope: Envelope) -> Envelope:
-        return envelope.model_copy(update={"output": clean(envelope.tokens)})
+    async def handle(request: Envelope) -> Envelope:
+        return OUTPUT.write(request, clean(COMPLETION.read(request)))
 
     return handle
-
-
-SPEC = StageSpec(name="post", input="post", output="stream", build=build)

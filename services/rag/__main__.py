@@ -1,7 +1,9 @@
-"""Run the rag stage as its own process: `python -m services.rag`."""
+"""Run the rag stage as its own process: `python -m services.rag`.
 
-from services.rag.stage import SPEC
-from shared.runner import stage_main
+The same as `orchestrator run rag`: settings from the environment and $ORCH_CONFIG.
+"""
+
+from shared.app.process import stage_main
 
 if __name__ == "__main__":
-    stage_main(SPEC)
+    stage_main("rag")

@@ -1,7 +1,9 @@
-"""Run the stream stage as its own process: `python -m services.stream`."""
+"""Run the stream stage as its own process: `python -m services.stream`.
 
-from services.stream.stage import SPEC
-from shared.runner import stage_main
+The same as `orchestrator run stream`: settings from the environment and $ORCH_CONFIG.
+"""
+
+from shared.app.process import stage_main
 
 if __name__ == "__main__":
-    stage_main(SPEC)
+    stage_main("stream")

@@ -2,29 +2,24 @@
 
 import time
 
+from shared.data import OUTPUT
 from shared.envelope import Envelope, Result
-from shared.failure import Reject
-from shared.settings import Settings
-from shared.stage import RESULTS, Handler, StageSpec
+from shared.stage import Handler, NoOptions, StageContext, stage
 
 
-def build(settings: Settings) -> Handler:
-    """No configuration yet."""
+@stage(options=NoOptions)
+def stream(ctx: StageContext[NoOptions]) -> Handler:
+    """No options yet."""
 
-    async def handle(envelope: Envelope) -> Result:
-        if envelope.output is None:
-            raise Reject("no output: the request skipped the post stage")
+    async def handle(request: Envelope) -> Result:
         return Result(
-            request_id=envelope.request_id,
-            session_id=envelope.session_id,
-            output=envelope.output,
-            metadata=envelope.metadata,
-            created_at=envelope.created_at,
+            request_id=request.request_id,
+            session_id=request.session_id,
+            output=OUTPUT.read(request),
+            metadata=request.metadata,
+            created_at=request.created_at,
             completed_at=time.time(),
-            hops=list(envelope.hops),
+            hops=list(request.hops),
         )
 
     return handle
-
-
-SPEC = StageSpec(name="stream", input="stream", output=RESULTS, build=build)

@@ -1,6 +1,6 @@
 """Model workers: what the inference stage calls to turn a prompt into tokens."""
 
 from shared.workers.base import ModelWorker, load_worker
-from shared.workers.echo import EchoWorker
+from shared.workers.echo import EchoOptions, EchoWorker
 
-__all__ = ["EchoWorker", "ModelWorker", "load_worker"]
+__all__ = ["EchoOptions", "EchoWorker", "ModelWorker", "load_worker"]

@@ -1,13 +1,11 @@
-"""The ModelWorker protocol and how a worker is chosen from settings."""
+"""The ModelWorker protocol and how a worker is chosen from the inference stage's options."""
 
-import importlib
-import os
-import sys
-from collections.abc import AsyncIterator, Callable
-from typing import Protocol, runtime_checkable
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, Protocol, runtime_checkable
 
+from shared.components import find
 from shared.errors import ConfigError
-from shared.settings import WorkerSettings
+from shared.workers.echo import EchoOptions, EchoWorker
 
 
 @runtime_checkable
@@ -23,34 +21,26 @@ class ModelWorker(Protocol):
         ...
 
 
-def load_worker(settings: WorkerSettings) -> ModelWorker:
-    """Build the worker named by `settings.kind`: a built-in name or `module:factory`.
+def load_worker(
+    kind: str, *, echo: EchoOptions | None = None, custom: Mapping[str, Any] | None = None
+) -> ModelWorker:
+    """Build the worker named by `kind`: a built-in name or `package.module:factory`.
 
-    A factory is called with the WorkerSettings and must return a ModelWorker. Modules are
-    imported from the installed packages or the working directory.
+    A factory is called with the `custom` options (a dict) and must return a ModelWorker.
+    Modules are imported from the installed packages or the working directory.
     """
-    from shared.workers.echo import EchoWorker
-
-    builtins: dict[str, Callable[[WorkerSettings], ModelWorker]] = {
-        "echo": EchoWorker.from_settings
+    builtins: dict[str, Callable[[], ModelWorker]] = {
+        "echo": lambda: EchoWorker.from_options(echo or EchoOptions())
     }
-    factory = builtins.get(settings.kind)
-    if factory is None:
-        module_name, sep, attr = settings.kind.partition(":")
-        if not sep:
-            raise ConfigError(
-                f"unknown worker kind {settings.kind!r}: use one of {sorted(builtins)} "
-                "or 'package.module:factory'"
-            )
-        # Like uvicorn and gunicorn: a worker module in the working directory is importable
-        # even when the process was started through an installed script.
-        if os.getcwd() not in sys.path:
-            sys.path.append(os.getcwd())
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise ConfigError(f"cannot load worker {settings.kind!r}: {exc}") from None
-    worker = factory(settings)
+    make = builtins.get(kind)
+    if make is not None:
+        return make()
+    if ":" not in kind:
+        raise ConfigError(
+            f"unknown worker {kind!r}: use one of {sorted(builtins)} or 'package.module:factory'"
+        )
+    factory = find(kind, "stages.inference.options.worker")
+    worker = factory(dict(custom or {}))
     if not isinstance(worker, ModelWorker):
-        raise ConfigError(f"worker {settings.kind!r} does not implement ModelWorker")
+        raise ConfigError(f"worker {kind!r} does not implement ModelWorker")
     return worker

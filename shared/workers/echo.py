@@ -4,9 +4,17 @@ import asyncio
 import re
 from collections.abc import AsyncIterator
 
-from shared.settings import WorkerSettings
+from pydantic import BaseModel, ConfigDict, Field
 
 _TOKEN = re.compile(r"\S+\s*")
+
+
+class EchoOptions(BaseModel):
+    """`[stages.inference.options.echo]`."""
+
+    model_config = ConfigDict(extra="forbid")
+    token_delay: float = Field(default=0.0, ge=0)
+    """Seconds the echo worker waits before each token (to imitate a model's pace)."""
 
 
 class EchoWorker:
@@ -16,9 +24,9 @@ class EchoWorker:
         self.token_delay = token_delay
 
     @classmethod
-    def from_settings(cls, settings: WorkerSettings) -> "EchoWorker":
-        """Build from the `[worker]` section."""
-        return cls(token_delay=settings.echo_token_delay)
+    def from_options(cls, options: EchoOptions) -> "EchoWorker":
+        """Build from `[stages.inference.options.echo]`."""
+        return cls(token_delay=options.token_delay)
 
     async def stream(self, prompt: str, *, session_id: str) -> AsyncIterator[str]:
         """Yield the words of `prompt`, each with its trailing whitespace."""

@@ -12,10 +12,11 @@ import time
 
 import pytest
 
-from shared.bus import Bus
 from shared.client import Client
 from shared.partition import partition_of
 from shared.status import coverage, members_by_stage
+from shared.topology import Topology
+from shared.transport.connection import Bus
 from tests.support import StageProcess, collect, settings_for, wait_until_consuming
 
 SESSIONS = [f"user-{i}" for i in range(48)]
@@ -24,7 +25,7 @@ FAST_FAILOVER = {"ORCH_AFFINITY__HEARTBEAT": "0.5", "ORCH_AFFINITY__FAILOVER_AFT
 
 async def owners(url, settings, stage="inference") -> dict[str, list[int]]:
     async with await Bus.connect(url, name="test-owners") as bus:
-        return (await members_by_stage(bus, settings)).get(stage, {})
+        return (await members_by_stage(bus, Topology(settings))).get(stage, {})
 
 
 async def wait_for_owners(url, settings, count, timeout=30.0) -> dict[str, list[int]]:
@@ -37,7 +38,7 @@ async def wait_for_owners(url, settings, count, timeout=30.0) -> dict[str, list[
             balanced = bool(found) and max(map(len, found.values())) <= math.ceil(parts / count)
             if len(found) == count and held == list(range(parts)) and balanced:
                 async with await Bus.connect(url, name="t") as bus:
-                    if all((await coverage(bus, settings)).values()):
+                    if all((await coverage(bus, Topology(settings))).values()):
                         return found
             await asyncio.sleep(0.1)
 
@@ -101,7 +102,7 @@ async def test_sessions_stick_and_survive_a_kill(nats_server, mesh, tmp_path):
         await client.close()
         codes = stop_all(extra[1:])
     async with await Bus.connect(nats_server.url, name="t") as bus:
-        stored = (await bus.stream_state("ORCH_RESULTS")).last_seq
+        stored = (await bus.admin.stream_state("ORCH_RESULTS")).last_seq
     print(f"\nfailover: partitions of the killed instance owned again after {failover:.2f}s "
           f"(failover_after={settings.affinity.failover_after}s); {before} -> {after}")  # fmt: skip
     assert stored == len(first) + len(second)  # every request completed exactly once
@@ -165,8 +166,8 @@ async def test_a_consumer_deleted_from_outside_is_recreated(nats_server, mesh):
     await wait_until_consuming(nats_server.url, settings)
     stream = f"{settings.stream_prefix}_INFERENCE"
     async with await Bus.connect(nats_server.url, name="test") as bus:
-        [consumer] = await bus.consumers(stream)
-        assert await bus.delete_consumer(stream, consumer.name)
+        [consumer] = await bus.admin.consumers(stream)
+        assert await bus.admin.delete_consumer(stream, consumer.name)
     client = await Client.connect(settings, nats_server.url)
     try:
         result = await client.ask("still there?", "s", timeout=30)

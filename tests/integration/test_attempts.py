@@ -1,26 +1,26 @@
 """The attempt log: what a removed consumer held un-acked is recorded, and nothing else."""
 
-from services.registry import STAGES
-from shared.attempts import AttemptLog, Prior
-from shared.bus import MSG_ID, Bus
-from shared.runner import declare
-from shared.settings import load_settings
+from shared.app.load import load
+from shared.runtime.attempts import AttemptLog, Prior
+from shared.runtime.group import declare
 from shared.topology import Topology
+from shared.transport.api import MSG_ID
+from shared.transport.connection import Bus
 from tests.support import take
 
 
 async def test_unsettled_messages_of_a_consumer_are_recorded_once(nats_server):
-    settings = load_settings(nats_url=nats_server.url)
+    settings = load(nats_url=nats_server.url)
     topology = Topology(settings)
-    spec = STAGES["post"]
+    spec = topology.graph["post"]
     async with await Bus.connect(nats_server.url, name="t") as bus:
-        await declare(bus, settings)
+        await declare(bus, topology)
         # Partitions 0 and 1 belong to the consumer; partition 2 to nobody yet.
         for i in range(12):
-            subject = topology.channel_subject(spec.input, i % 3)
+            subject = topology.channel_subject(spec.channel, i % 3)
             await bus.publish(subject, b"{}", msg_id=f"m{i}")
         consumer = topology.consumer(spec, "dead", [0, 1])
-        await bus.ensure_consumer(consumer)
+        await bus.admin.ensure_consumer(consumer)
         puller = await bus.pull(consumer)
         got = await take(puller, 6)  # m0 m1 m3 m4 m6 m7: partition 2 is not its
         assert [d.headers[MSG_ID] for d in got] == ["m0", "m1", "m3", "m4", "m6", "m7"]
@@ -29,14 +29,14 @@ async def test_unsettled_messages_of_a_consumer_are_recorded_once(nats_server):
         await got[3].nak(delay=30)  # waiting for a retry is unsettled too
         await puller.close()
 
-        log = AttemptLog(bus, settings, spec)
+        log = AttemptLog(bus, settings, topology, spec)
         await log.open()
-        view = await bus.consumer(consumer.stream, consumer.durable)
+        view = await bus.admin.consumer(consumer.stream, consumer.durable)
         assert view is not None
         # Its instance died: m1 m4 m6 m7 may have been under way; m9 m10 were never delivered.
         assert await log.record_unsettled(view, under_way=True) == 4
         assert await log.record_unsettled(view, under_way=True) == 0  # never counted twice
-        await bus.delete_consumer(consumer.stream, consumer.durable)
+        await bus.admin.delete_consumer(consumer.stream, consumer.durable)
 
         await log.load()
         seqs = {d.headers[MSG_ID]: d.stream_seq for d in got}
@@ -60,21 +60,21 @@ async def test_unsettled_messages_of_a_consumer_are_recorded_once(nats_server):
 
 
 async def test_a_stopping_instance_records_retries_as_failures_not_losses(nats_server):
-    settings = load_settings(nats_url=nats_server.url)
+    settings = load(nats_url=nats_server.url)
     topology = Topology(settings)
-    spec = STAGES["post"]
+    spec = topology.graph["post"]
     async with await Bus.connect(nats_server.url, name="t") as bus:
-        await declare(bus, settings)
-        await bus.publish(topology.channel_subject(spec.input, 0), b"{}", msg_id="m0")
+        await declare(bus, topology)
+        await bus.publish(topology.channel_subject(spec.channel, 0), b"{}", msg_id="m0")
         consumer = topology.consumer(spec, "leaving", [0])
-        await bus.ensure_consumer(consumer)
+        await bus.admin.ensure_consumer(consumer)
         puller = await bus.pull(consumer)
         [waiting] = await take(puller, 1)
         await waiting.nak(delay=30)
         await puller.close()
-        log = AttemptLog(bus, settings, spec)
+        log = AttemptLog(bus, settings, topology, spec)
         await log.open()
-        view = await bus.consumer(consumer.stream, consumer.durable)
+        view = await bus.admin.consumer(consumer.stream, consumer.durable)
         assert view is not None
         assert await log.record_unsettled(view, under_way=False) == 1
         await log.load()

@@ -126,7 +126,7 @@ def test_malformed_pipeline_file_is_one_line_exit_2(tmp_path):
 
 
 def test_help_explains_every_command(capsys):
-    from shared.cli import main
+    from shared.app.cli import main
 
     done = run(["--help"], dict(os.environ))
     assert done.returncode == 0
@@ -161,7 +161,7 @@ def test_help_explains_every_command(capsys):
     ],
 )
 def test_non_positive_numbers_are_rejected_by_argparse(args, capsys):
-    from shared.cli import main
+    from shared.app.cli import main
 
     with pytest.raises(SystemExit) as exited:
         main(args)
@@ -213,7 +213,7 @@ def test_up_with_instances_runs_separate_processes_and_status_shows_owners(nats_
 
 
 def test_server_command_stops_its_nats_server_on_sigterm_and_removes_its_store(tmp_path):
-    from shared.natsserver import free_port
+    from shared.app.natsserver import free_port
 
     port = free_port()
     server = subprocess.Popen(
@@ -237,7 +237,7 @@ def test_server_command_stops_its_nats_server_on_sigterm_and_removes_its_store(t
 
 
 def test_server_command_refuses_a_store_another_server_uses(nats_binary):
-    from shared.natsserver import free_port
+    from shared.app.natsserver import free_port
 
     store = nats_binary.store_dir
     second = run(["server", "--port", str(free_port()), "--store", str(store)], dict(os.environ))
@@ -252,7 +252,7 @@ def test_server_command_refuses_a_store_another_server_uses(nats_binary):
 def test_second_up_gets_a_store_of_its_own(tmp_path):
     import socket
 
-    from shared.natsserver import port_is_free
+    from shared.app.natsserver import port_is_free
 
     env = stage_env("x", XDG_CACHE_HOME=str(tmp_path / "cache"), TMPDIR=str(tmp_path / "tmp"))
     del env["ORCH_NATS_URL"]
@@ -303,7 +303,7 @@ def _servers_using(store: Path) -> list[int]:
 
 
 def test_server_command_interrupted_while_starting_leaves_no_server(tmp_path):
-    from shared.natsserver import free_port
+    from shared.app.natsserver import free_port
 
     server = subprocess.Popen(
         [*orchestrator_command(), "server", "--port", str(free_port()), "--store", str(tmp_path)],
@@ -322,7 +322,7 @@ def test_server_command_interrupted_while_starting_leaves_no_server(tmp_path):
 
 
 def test_global_options_go_before_or_after_the_command():
-    from shared.cli import _parser
+    from shared.app.cli import _parser
 
     parse = _parser().parse_args
     assert parse(["--nats-url", "nats://a:1", "demo"]).nats_url == "nats://a:1"

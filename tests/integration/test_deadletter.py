@@ -9,10 +9,11 @@ import signal
 import subprocess
 import time
 
-from shared.bus import Bus
 from shared.client import Client
 from shared.dlq import DeadLetterQueue, EntryFilter
 from shared.errors import Overloaded
+from shared.topology import Topology
+from shared.transport.connection import Bus
 from tests.support import (
     ROOT,
     collect,
@@ -26,17 +27,17 @@ from tests.support import (
 
 async def dead_letters(url, settings, flt=None):
     async with await Bus.connect(url, name="test-dlq") as bus:
-        return [e async for e in DeadLetterQueue(bus, settings).entries(flt)]
+        return [e async for e in DeadLetterQueue(bus, Topology(settings)).entries(flt)]
 
 
 async def results_stored(url, settings):
     async with await Bus.connect(url, name="test-results") as bus:
-        return (await bus.stream_state(f"{settings.stream_prefix}_RESULTS")).last_seq
+        return (await bus.admin.stream_state(f"{settings.stream_prefix}_RESULTS")).last_seq
 
 
 def poison_env(tmp_path, **extra):
     return {
-        "ORCH_WORKER__KIND": "tests.workers:poison",
+        "ORCH_STAGES__INFERENCE__OPTIONS__WORKER": "tests.workers:poison",
         "POISON_LOG": str(tmp_path / "calls.log"),
         "POISON_CURE": str(tmp_path / "cured"),
         **extra,
@@ -53,10 +54,10 @@ def calls(tmp_path) -> list[str]:
 async def test_overload_sheds_with_reason_and_accounts_for_everything(nats_server, mesh):
     # A slow model behind small channels: intake outruns the pipeline by far.
     env, procs = mesh(
-        ORCH_CHANNELS__INTAKE__CAPACITY="150",
-        ORCH_CHANNELS__INFERENCE__CAPACITY="10",
-        ORCH_CHANNELS__POST__CAPACITY="20",
-        ORCH_WORKER__ECHO_TOKEN_DELAY="0.004",
+        ORCH_STAGES__RAG__CAPACITY="150",
+        ORCH_STAGES__INFERENCE__CAPACITY="10",
+        ORCH_STAGES__POST__CAPACITY="20",
+        ORCH_STAGES__INFERENCE__OPTIONS__ECHO__TOKEN_DELAY="0.004",
         ORCH_STAGES__INFERENCE__CONCURRENCY="4",
         ORCH_STAGES__INFERENCE__MAX_ACK_PENDING="8",
     )
@@ -183,7 +184,8 @@ async def test_a_message_that_kills_its_stage_is_dead_lettered_across_restarts(
         tmp_path,
         ORCH_STAGES__INFERENCE__MAX_DELIVER="3",
         ORCH_STAGES__INFERENCE__BACKOFF="[0.05]",
-        ORCH_WORKER__ECHO_TOKEN_DELAY="0.002",  # neighbours are under way when it crashes
+        # neighbours are under way when it crashes
+        ORCH_STAGES__INFERENCE__OPTIONS__CUSTOM__TOKEN_DELAY="0.002",
         ORCH_AFFINITY__HEARTBEAT="0.2",
         ORCH_AFFINITY__FAILOVER_AFTER="1.0",
     ))  # fmt: skip
@@ -302,7 +304,7 @@ async def test_expired_requests_are_dead_lettered_not_processed(nats_server, mes
     # One request at a time, ~0.4 s each: most wait past their deadline in the inference queue.
     env, _ = mesh(**poison_env(
         tmp_path,
-        ORCH_WORKER__ECHO_TOKEN_DELAY="0.05",
+        ORCH_STAGES__INFERENCE__OPTIONS__CUSTOM__TOKEN_DELAY="0.05",
         ORCH_STAGES__INFERENCE__CONCURRENCY="1",
         ORCH_STAGES__INFERENCE__BATCH="1",
     ))  # fmt: skip
@@ -354,7 +356,7 @@ async def test_full_dead_letter_stream_holds_messages_until_there_is_room(
             await asyncio.sleep(0.1)
     await asyncio.sleep(1.0)
     async with await Bus.connect(nats_server.url, name="t") as bus:
-        inference = await bus.stream_state("ORCH_INFERENCE")
+        inference = await bus.admin.stream_state("ORCH_INFERENCE")
     assert inference.messages == 2
     assert len(await dead_letters(nats_server.url, settings)) == 2
 

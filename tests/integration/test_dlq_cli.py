@@ -8,10 +8,10 @@ import time
 import nats
 import pytest
 
-from shared.bus import Bus
 from shared.client import Client
 from shared.dlq import DeadLetterQueue, EntryFilter
 from shared.topology import Topology
+from shared.transport.connection import Bus
 from tests.support import ROOT, orchestrator_command, settings_for, stage_env, wait_quiet
 
 
@@ -26,7 +26,7 @@ def pipeline(nats_server, tmp_path):
     """`orchestrator up` with a poisoned worker (3 attempts, fast retries)."""
     env = stage_env(
         nats_server.url,
-        ORCH_WORKER__KIND="tests.workers:poison",
+        ORCH_STAGES__INFERENCE__OPTIONS__WORKER="tests.workers:poison",
         ORCH_STAGES__INFERENCE__MAX_DELIVER="3",
         ORCH_STAGES__INFERENCE__BACKOFF="[0.05]",
     )
@@ -123,7 +123,7 @@ async def test_status_and_dlq_commands(nats_server, pipeline):
 
 async def dead_letters(url, settings):
     async with await Bus.connect(url, name="test-dlq") as bus:
-        return [e async for e in DeadLetterQueue(bus, settings).entries()]
+        return [e async for e in DeadLetterQueue(bus, Topology(settings)).entries()]
 
 
 async def test_replay_of_entries_that_fail_again_replays_each_once(nats_server, pipeline):
@@ -159,7 +159,7 @@ async def test_replay_of_entries_that_fail_again_replays_each_once(nats_server, 
     # The Python API, the same way.
     ticks: list[tuple[int, int]] = []
     async with await Bus.connect(nats_server.url, name="test-replay") as bus:
-        report = await DeadLetterQueue(bus, settings).replay(
+        report = await DeadLetterQueue(bus, Topology(settings)).replay(
             EntryFilter(reason="expired"), rate=10, progress=lambda d, t: ticks.append((d, t))
         )
     assert (report.matched, report.replayed, report.failed) == (2, 2, [])

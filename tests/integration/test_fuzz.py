@@ -21,24 +21,24 @@ import nats
 from hypothesis import HealthCheck, Phase, given
 from hypothesis import strategies as st
 
-from services.registry import PIPELINE
-from shared.bus import Bus
+from shared.app.load import load
 from shared.client import Client
 from shared.dlq import DeadLetterQueue
 from shared.envelope import Envelope, decode
 from shared.errors import InvalidMessage
-from shared.runner import StageGroup, declare
-from shared.settings import Settings, Stages, StageSettings
+from shared.runtime.group import StageGroup, declare
+from shared.settings import Settings
 from shared.topology import DLQ, Topology
+from shared.transport.connection import Bus
+from tests.support import STAGE_NAMES
 
 MAX_BYTES = 16 * 1024  # small, so "huge" stays far below the server's 1 MB payload limit
 PARTITIONS = 4
 TIMEOUT = 45.0
-STAGE_OF = {spec.input: spec.name for spec in PIPELINE}
+STAGE_OF = {("intake" if name == STAGE_NAMES[0] else name): name for name in STAGE_NAMES}
 CHANNELS = sorted(STAGE_OF)
-STAGE_NAMES = [spec.name for spec in PIPELINE]
 FIELDS = list(Envelope.model_fields)
-STRING_FIELDS = ["request_id", "session_id", "input", "prompt", "output"]
+STRING_FIELDS = ["request_id", "session_id", "input"]
 MARK = "\u2603BAD-UTF8\u2603"
 
 ODD_SESSIONS = [
@@ -90,10 +90,11 @@ base_envelopes = st.fixed_dictionaries(
     },
     optional={
         "metadata": st.dictionaries(st.text(max_size=8), meta_values, max_size=4),
-        "context": st.lists(st.text(max_size=20), max_size=3),
-        "prompt": st.text(max_size=40),
-        "tokens": st.lists(st.text(max_size=5), max_size=5),
-        "output": st.text(max_size=40),
+        "data": st.dictionaries(
+            st.sampled_from(["context", "prompt", "completion", "output", "other"]),
+            json_values,
+            max_size=3,
+        ),
     },
 )
 bad_utf8 = st.sampled_from(
@@ -150,11 +151,9 @@ def payloads(draw):
         # Over the size limit, as one field or as many small ones.
         size = draw(st.integers(MAX_BYTES + 1, 3 * MAX_BYTES))
         seed = draw(st.text(min_size=1, max_size=4))
-        field = draw(st.sampled_from([*STRING_FIELDS, "metadata", "context", "tokens"]))
-        if field == "metadata":
+        field = draw(st.sampled_from([*STRING_FIELDS, "metadata", "data"]))
+        if field in ("metadata", "data"):
             env[field] = {"k": (seed * size)[:size]}
-        elif field in ("context", "tokens"):
-            env[field] = [seed] * (size // 4)  # 5 to 20 bytes an item
         else:
             env[field] = (seed * size)[:size]
         data = dump(env)
@@ -193,13 +192,13 @@ def is_invalid(data: bytes) -> bool:
 
 def fuzz_settings() -> Settings:
     tag = uuid.uuid4().hex[:10]
-    quick = StageSettings(backoff=[0.05, 0.1])  # handler rejections of decodable junk settle fast
-    return Settings(
+    quick = {"backoff": [0.05, 0.1]}  # handler rejections of decodable junk settle fast
+    return load(
         subject_prefix=f"fuzz{tag}",
         stream_prefix=f"FUZZ{tag}",
         partitions=PARTITIONS,
         max_message_bytes=MAX_BYTES,
-        stages=Stages(**{name: quick for name in STAGE_NAMES}),
+        stages={name: quick for name in STAGE_NAMES},
     )
 
 
@@ -210,11 +209,11 @@ async def wait_settled(bus, settings, n_invalid) -> None:
     invalid_subjects = topology.dlq_subject("*", "invalid")
     async with asyncio.timeout(TIMEOUT):
         while True:
-            counts = await bus.subject_counts(dlq, invalid_subjects)
+            counts = await bus.admin.subject_counts(dlq, invalid_subjects)
             if sum(counts.values()) >= n_invalid:
                 busy = 0
-                for spec in PIPELINE:
-                    for view in await bus.consumers(topology.stream_name(spec.input)):
+                for stage in topology.graph:
+                    for view in await bus.admin.consumers(topology.stream_name(stage.channel)):
                         busy += view.state.pending + view.state.ack_pending
                 if not busy:
                     return
@@ -236,11 +235,10 @@ async def run_scenario(url, items):
     bus = await Bus.connect(url, name="test-fuzz", publish_timeout=settings.publish_timeout)
     client = await Client.connect(settings, url)
     raw = await nats.connect(url, name="test-fuzz-raw")
-    group = None
+    group = StageGroup(settings, STAGE_NAMES, topology)
     try:
-        await declare(bus, settings)
-        group = StageGroup(settings, bus, PIPELINE)
-        group.start()
+        await declare(bus, topology)
+        group.start(bus)
         js = raw.jetstream()
         raw_sends = [js.publish(subject, data) for subject, data in sent]
         client_sends = [client.publish(text, session) for session, text in valid]
@@ -252,10 +250,9 @@ async def run_scenario(url, items):
         assert len(ids) == len(valid)
         results = await asyncio.gather(*(client.result(rid, timeout=TIMEOUT) for rid in ids))
         await wait_settled(bus, settings, sum(expected.values()))
-        entries = [e async for e in DeadLetterQueue(bus, settings).entries()]
+        entries = [e async for e in DeadLetterQueue(bus, topology).entries()]
     finally:
-        if group is not None:
-            await group.stop()
+        await group.stop()
         await raw.close()
         await client.close()
         await bus.close()

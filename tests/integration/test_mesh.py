@@ -5,27 +5,31 @@ import signal
 
 import pytest
 
-from services.assemble.stage import render
+from services.assemble.stage import DEFAULT_TEMPLATE, render
 from services.post.stage import clean
-from services.registry import PIPELINE
-from shared.bus import Bus
 from shared.client import Client
+from shared.data import CONTEXT
 from shared.envelope import Envelope
 from shared.retrieval import Retriever
 from shared.topology import Topology
-from tests.support import StageProcess, collect, settings_for, stage_env, wait_until_consuming
+from shared.transport.connection import Bus
+from tests.support import (
+    STAGE_NAMES,
+    StageProcess,
+    collect,
+    settings_for,
+    stage_env,
+    wait_until_consuming,
+)
 
 SESSIONS = [f"session-{i}" for i in range(6)] + ["with.dots and spaces*>", "会话"]
-STAGE_NAMES = [spec.name for spec in PIPELINE]
 
 
 def expected_output(settings, text: str, session: str) -> str:
     """What the pipeline must answer with the echo worker: the prompt, cleaned."""
     env = Envelope(request_id="x", session_id=session, input=text, created_at=0.0)
-    env = env.model_copy(
-        update={"context": Retriever.from_file(None).search(text, settings.rag.top_k)}
-    )
-    return clean([render(settings.assemble.template, env)])
+    env = CONTEXT.write(env, Retriever.from_file(None).search(text, 2))
+    return clean(render(DEFAULT_TEMPLATE, env))
 
 
 async def publish_all(client: Client, n: int) -> dict[str, tuple[str, str]]:
@@ -50,9 +54,9 @@ async def check_exactly_once(url, settings, sent, timeout):
             seen = await collect(client, set(sent), timeout)
         except AssertionError as exc:
             dlq_name = topology.stream_name("dlq")
-            reasons = await bus.subject_counts(dlq_name, topology.dlq_subject())
+            reasons = await bus.admin.subject_counts(dlq_name, topology.dlq_subject())
             raise AssertionError(f"{exc}; dead letters by subject: {reasons}") from None
-        state = await bus.stream_state(topology.stream_name("results"))
+        state = await bus.admin.stream_state(topology.stream_name("results"))
     finally:
         await client.close()
         await bus.close()
@@ -97,7 +101,7 @@ async def test_thousand_requests_through_separate_processes(nats_server, mesh):
 async def test_stage_restarts_mid_run_lose_nothing(nats_server, mesh):
     # A slow model and a short ack_wait, so the kill lands mid-run and redelivery is quick.
     env, procs = mesh(
-        ORCH_WORKER__ECHO_TOKEN_DELAY="0.002",
+        ORCH_STAGES__INFERENCE__OPTIONS__ECHO__TOKEN_DELAY="0.002",
         ORCH_STAGES__INFERENCE__CONCURRENCY="16",
         ORCH_STAGES__INFERENCE__ACK_WAIT="2",
         ORCH_STAGES__POST__ACK_WAIT="2",
@@ -125,7 +129,10 @@ async def test_stage_restarts_mid_run_lose_nothing(nats_server, mesh):
 
 async def test_sigterm_drains_in_flight_work(nats_server, mesh):
     # ~1 s per request and 4 at a time: SIGTERM lands while the first four are in flight.
-    env, procs = mesh(ORCH_WORKER__ECHO_TOKEN_DELAY="0.02", ORCH_STAGES__INFERENCE__CONCURRENCY="4")
+    env, procs = mesh(
+        ORCH_STAGES__INFERENCE__OPTIONS__ECHO__TOKEN_DELAY="0.02",
+        ORCH_STAGES__INFERENCE__CONCURRENCY="4",
+    )
     settings = settings_for(env)
     client = await Client.connect(settings, nats_server.url)
     try:
@@ -149,6 +156,20 @@ async def test_sigterm_drains_in_flight_work(nats_server, mesh):
     assert min(by_instance.values()) >= 1
 
 
+async def stored_result_message(client: Client, request_id: str):
+    """The result as stored in the stream, headers included. A subscriber may see the
+    result a moment before the stream has stored it, so this waits for the stored copy."""
+    await client.result(request_id, timeout=30)
+    async with asyncio.timeout(10):
+        while True:
+            stored = await client.bus.admin.last_message(
+                "ORCH_RESULTS", f"orch.results.{request_id}"
+            )
+            if stored is not None:
+                return stored
+            await asyncio.sleep(0.05)
+
+
 async def test_trace_context_travels_through_every_stage(nats_server, mesh):
     from opentelemetry import context, trace
 
@@ -168,11 +189,9 @@ async def test_trace_context_travels_through_every_stage(nats_server, mesh):
     finally:
         context.detach(token)
     try:
-        await client.result(rid, timeout=30)
-        stored = await client.bus.last_message("ORCH_RESULTS", f"orch.results.{rid}")
+        stored = await stored_result_message(client, rid)
         untraced = await client.publish("plain question", "s")
-        await client.result(untraced, timeout=30)
-        plain = await client.bus.last_message("ORCH_RESULTS", f"orch.results.{untraced}")
+        plain = await stored_result_message(client, untraced)
     finally:
         await client.close()
     assert stored is not None and plain is not None
@@ -186,7 +205,7 @@ async def test_trace_context_travels_through_every_stage(nats_server, mesh):
 async def test_a_nats_server_restart_loses_nothing(nats_binary, tmp_path):
     # Pull requests do not survive the restart: stages must notice and ask again.
     env = stage_env(nats_binary.url)
-    procs = [StageProcess(spec.name, env, tmp_path) for spec in PIPELINE]
+    procs = [StageProcess(name, env, tmp_path) for name in STAGE_NAMES]
     settings = settings_for(env)
     try:
         client = await Client.connect(settings, nats_binary.url)

@@ -5,9 +5,9 @@ import asyncio
 import nats
 import pytest
 
-from shared.bus import Bus
 from shared.errors import BusError, MessageTooLarge, PublishTimeout
 from shared.topology import StreamSpec
+from shared.transport.connection import Bus
 
 
 def stream(max_msgs: int = -1) -> StreamSpec:
@@ -19,11 +19,11 @@ def stream(max_msgs: int = -1) -> StreamSpec:
 
 async def test_acks_carry_the_stream_sequence_and_duplicates_are_dropped(nats_server):
     async with await Bus.connect(nats_server.url, name="t") as bus:
-        await bus.ensure_stream(stream(100))
+        await bus.admin.ensure_stream(stream(100))
         seqs = await asyncio.gather(*(bus.publish("p.x", b"m", msg_id=f"m{i}") for i in range(50)))
         assert sorted(seqs) == list(range(1, 51))
         assert await bus.publish("p.x", b"m", msg_id="m7") == seqs[7]  # the stored copy's
-        assert (await bus.stream_state("P")).last_seq == 50
+        assert (await bus.admin.stream_state("P")).last_seq == 50
 
 
 async def test_a_subject_no_stream_stores_is_a_clear_error(nats_server):
@@ -49,7 +49,7 @@ async def test_a_publish_nobody_acks_times_out(nats_server):
 
 async def test_a_message_over_max_payload_is_refused_before_it_is_sent(nats_server):
     async with await Bus.connect(nats_server.url, name="t") as bus:
-        await bus.ensure_stream(stream())
+        await bus.admin.ensure_stream(stream())
         with pytest.raises(MessageTooLarge):
             await bus.publish("p.x", b"x" * (2 * 1024 * 1024), msg_id="big")
         assert await bus.publish("p.x", b"small", msg_id="small") == 1  # still connected

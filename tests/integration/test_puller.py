@@ -7,12 +7,13 @@ from typing import Any
 
 import pytest
 
-from services.registry import STAGES
-from shared.bus import REQUEST_EXPIRES, REQUEST_GRACE, Bus, ConsumerState, Delivery, Puller
+from shared.app.load import load
 from shared.errors import BusError
-from shared.runner import declare
-from shared.settings import load_settings
+from shared.runtime.group import declare
 from shared.topology import Topology
+from shared.transport.api import ConsumerState, Delivery, Puller
+from shared.transport.connection import Bus
+from shared.transport.pull import REQUEST_EXPIRES, REQUEST_GRACE
 from tests.support import CuttableProxy, take
 
 
@@ -20,21 +21,21 @@ from tests.support import CuttableProxy, take
 async def post_consumer(url: str, messages: int) -> AsyncIterator[tuple[Bus, Topology, Any]]:
     """A connected bus, the topology, and a consumer of the post stage's partition 0 with
     `messages` stored for it; the bus is closed afterwards."""
-    settings = load_settings(nats_url=url)
+    settings = load(nats_url=url)
     topology = Topology(settings)
     async with await Bus.connect(url, name="t") as bus:
-        await declare(bus, settings)
-        spec = STAGES["post"]
+        await declare(bus, Topology(settings))
+        spec = topology.graph["post"]
         for i in range(messages):
-            await bus.publish(topology.channel_subject(spec.input, 0), b"{}", msg_id=f"m{i}")
+            await bus.publish(topology.channel_subject(spec.channel, 0), b"{}", msg_id=f"m{i}")
         consumer = topology.consumer(spec, "one", [0])
-        await bus.ensure_consumer(consumer)
+        await bus.admin.ensure_consumer(consumer)
         yield bus, topology, consumer
 
 
 async def state(bus: Bus, consumer: Any) -> ConsumerState:
     """The consumer's delivery state as the server reports it now."""
-    view = await bus.consumer(consumer.stream, consumer.durable)
+    view = await bus.admin.consumer(consumer.stream, consumer.durable)
     assert view is not None
     return view.state
 
@@ -59,7 +60,7 @@ async def test_a_waiting_request_delivers_what_is_stored_later_without_asking_ag
         puller = await bus.pull(consumer, largest=64)
         assert await puller.fetch(10, 0.2) == []  # asked for 10; nothing there yet
         assert (await state(bus, consumer)).waiting == 1
-        await bus.publish(topology.channel_subject(STAGES["post"].input, 0), b"{}", msg_id="late")
+        await bus.publish(topology.channel_subject("post", 0), b"{}", msg_id="late")
         got = await puller.fetch(10, 2.0, ask=False)
         assert [d.headers["Nats-Msg-Id"] for d in got] == ["late"]
         await puller.close()
@@ -81,7 +82,7 @@ async def test_a_consumer_deleted_under_a_waiting_request_is_reported(nats_serve
     async with post_consumer(nats_server.url, 0) as (bus, _, consumer):
         puller = await bus.pull(consumer, largest=64)
         assert await puller.fetch(10, 0.1) == []
-        await bus.delete_consumer(consumer.stream, consumer.durable)
+        await bus.admin.delete_consumer(consumer.stream, consumer.durable)
         with pytest.raises(BusError, match="consumer deleted"):
             await puller.fetch(10, 2.0, ask=False)
         assert puller.idle
@@ -96,7 +97,7 @@ async def test_requests_lost_in_a_server_restart_stop_counting_and_pulling_resum
         nats_binary.start()
         await asyncio.sleep(REQUEST_EXPIRES + REQUEST_GRACE + 0.5)
         assert puller.idle
-        await bus.publish(topology.channel_subject(STAGES["post"].input, 0), b"{}", msg_id="after")
+        await bus.publish(topology.channel_subject("post", 0), b"{}", msg_id="after")
         got = await take(puller, 1)
         assert got[0].headers["Nats-Msg-Id"] == "after"
         await puller.close()
@@ -127,7 +128,7 @@ async def test_a_cut_connection_never_leaves_more_than_the_room_delivered(nats_s
             await asyncio.sleep(0.5)
             proxy.cut()
             await asyncio.sleep(REQUEST_EXPIRES + REQUEST_GRACE + 1.5)  # past every expiry
-            subject = topology.channel_subject(STAGES["post"].input, 0)
+            subject = topology.channel_subject("post", 0)
             for i in range(50):
                 await bus.publish(subject, b"{}", msg_id=f"m{i}")
             proxy.restore()
@@ -149,7 +150,7 @@ async def test_reset_forgets_what_a_deleted_consumer_delivered(nats_server):
         assert await puller.fetch(5, 0) == []  # asked for 5, took nothing yet
         await asyncio.sleep(0.3)
         assert not puller.idle  # five received, none taken
-        await bus.delete_consumer(consumer.stream, consumer.durable)
+        await bus.admin.delete_consumer(consumer.stream, consumer.durable)
         puller.reset()
         assert puller.idle
         assert await puller.fetch(5, 0.5, ask=False) == []

@@ -1,9 +1,9 @@
 """The accounting identity under replays and purges, without a server."""
 
 from shared.accounting import Snapshot, account
+from shared.app.operate import parse_time
 from shared.deadletter import Entry, entry_headers
 from shared.dlq import EntryFilter
-from shared.dlq_cli import parse_time
 from shared.status import StageStatus, Status, format_status, verdict
 
 CHANNELS = {"intake": 0, "assemble": 0, "inference": 0, "post": 0, "stream": 0}

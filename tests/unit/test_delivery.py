@@ -4,7 +4,7 @@ import pytest
 from nats.aio.msg import Msg
 from nats.errors import NotJSMessageError
 
-from shared.bus import Delivery
+from shared.transport.pull import JetStreamDelivery as Delivery
 
 REPLIES = [
     "$JS.ACK.ORCH_POST.post_a-1.3.1042.77.1764140000000000000.12",  # v1

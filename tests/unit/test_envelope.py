@@ -3,22 +3,36 @@
 import orjson
 import pytest
 
-from shared.envelope import Envelope, Hop, Result, decode, encode, new_request
+from shared.envelope import Envelope, Hop, Request, Result, decode, encode, new_request
 from shared.errors import InvalidMessage
 
 
 def test_round_trip_keeps_every_field():
-    env = new_request("héllo ✓", "sess.with dots*>", metadata={"k": 1, "b": True, "n": None})
-    env = env.model_copy(update={"context": ["a"], "tokens": ["x ", "y"], "prompt": "p"})
+    request = new_request("héllo ✓", "sess.with dots*>", metadata={"k": 1, "b": True, "n": None})
+    env = Envelope(**request.model_dump()).with_data(
+        context=["a"], prompt="p", anything={"nested": [1, 2.5, None, "x"]}
+    )
     env.hops.append(Hop(stage="rag", instance="i", received=1.0, done=2.0))
     assert decode(encode(env), Envelope, 10_000) == env
+    # A request is an envelope that no stage has touched yet.
+    assert decode(encode(request), Envelope, 10_000).model_dump(exclude={"data", "hops"}) == (
+        request.model_dump()
+    )
 
 
-def test_encoded_form_is_json_with_version():
+def test_encoded_form_is_json_with_version_and_only_the_request_fields():
     raw = orjson.loads(encode(new_request("q", "s", request_id="r-1")))
     assert raw["v"] == 1
     assert raw["request_id"] == "r-1"
     assert raw["session_id"] == "s"
+    assert set(raw) == set(Request.model_fields)
+
+
+def test_with_data_sets_and_removes_keys_without_touching_the_original():
+    env = Envelope(request_id="r", session_id="s", input="x", created_at=0.0)
+    added = env.with_data(a=1, b=[2])
+    assert (env.data, added.data) == ({}, {"a": 1, "b": [2]})
+    assert added.with_data(a=None).data == {"b": [2]}
 
 
 @pytest.mark.parametrize(

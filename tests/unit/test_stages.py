@@ -1,60 +1,93 @@
-"""Each stage's handler alone: a pure async function from envelope to output."""
+"""Each built-in stage alone: a factory building a pure async function from envelope to output."""
 
-import itertools
+import contextlib
+from typing import Any
 
 import pytest
 
-from services.assemble.stage import render
-from services.post.stage import clean
-from services.registry import PIPELINE, STAGES
+from shared.app.load import load
+from shared.components import Context, open_component, prepare
+from shared.data import COMPLETION, CONTEXT, OUTPUT, PROMPT
 from shared.envelope import Envelope, Result
 from shared.errors import ConfigError
 from shared.failure import Reject
+from shared.graph import Graph
 from shared.retrieval import Retriever
-from shared.settings import WorkerSettings, load_settings
 from shared.workers import EchoWorker, ModelWorker, load_worker
+from tests.support import STAGE_NAMES
 
 
 @pytest.fixture
 def settings(monkeypatch):
     for key in ("ORCH_CONFIG", "NATS_URL"):
         monkeypatch.delenv(key, raising=False)
-    return load_settings()
+    return load()
 
 
 def request(text: str = "What is JetStream?", session: str = "s") -> Envelope:
     return Envelope(request_id="r1", session_id=session, input=text, created_at=1.0)
 
 
-def test_pipeline_order_and_channels_chain():
-    assert [s.name for s in PIPELINE] == ["rag", "assemble", "inference", "post", "stream"]
-    assert PIPELINE[0].input == "intake"
-    for upstream, downstream in itertools.pairwise(PIPELINE):
-        assert upstream.output == downstream.input
-    assert PIPELINE[-1].output == "results"
+@contextlib.asynccontextmanager
+async def handler_of(settings, name: str, **options: Any):
+    """The handler of stage `name`, built as the runtime builds it (set up, then torn down)."""
+    decl = settings.stages[name]
+    prepared = prepare(decl.handler, "stage", {**decl.options, **options}, f"stages.{name}")
+    async with contextlib.AsyncExitStack() as stack:
+        yield await open_component(prepared, Context(name, "test", prepared.options), stack)
+
+
+def test_default_graph_chains_the_five_stages(settings):
+    graph = Graph(settings)
+    assert graph.names == STAGE_NAMES == ["rag", "assemble", "inference", "post", "stream"]
+    assert graph.channels == ["intake", "assemble", "inference", "post", "stream"]
+    assert [graph[n].route.default for n in graph.names] == [*STAGE_NAMES[1:], None]
+    assert graph["stream"].last and not graph["post"].last
 
 
 async def test_full_chain_in_memory(settings):
-    env = request()
-    for spec in PIPELINE:
-        env = await spec.build(settings)(env)
+    env: Envelope | Result = request()
+    for name in STAGE_NAMES:
+        async with handler_of(settings, name) as handle:
+            assert isinstance(env, Envelope)
+            env = await handle(env)
     assert isinstance(env, Result)
     assert env.output.startswith("Context: - JetStream adds persistence to NATS")
     assert env.output.endswith("Question: What is JetStream? Answer:")
 
 
-async def test_rag_attaches_top_k_relevant_passages(settings):
-    out = await STAGES["rag"].build(settings)(request("dead-letter stream reason"))
-    assert len(out.context) == 2
-    assert "dead-letter" in out.context[0]
+async def test_each_stage_hands_on_by_name_in_data(settings):
+    async with handler_of(settings, "rag") as rag:
+        env = await rag(request("dead-letter stream reason"))
+    assert len(CONTEXT.read(env)) == 2 and "dead-letter" in CONTEXT.read(env)[0]
+    async with handler_of(settings, "assemble", template="{context}|{input}") as assemble:
+        env = await assemble(env)
+    assert PROMPT.read(env).endswith("|dead-letter stream reason")
+    async with handler_of(settings, "inference") as inference:
+        env = await inference(env)
+    assert COMPLETION.read(env) == PROMPT.read(env)  # the echo worker
+    async with handler_of(settings, "post") as post:
+        env = await post(env)
+    assert "\n" not in OUTPUT.read(env)
 
 
 async def test_rag_with_corpus_file(tmp_path, settings):
     corpus = tmp_path / "c.txt"
     corpus.write_text("apples are red\n\nbananas are yellow\n", encoding="utf-8")
-    settings.rag.corpus = corpus
-    out = await STAGES["rag"].build(settings)(request("yellow bananas"))
-    assert out.context == ["bananas are yellow"]
+    async with handler_of(settings, "rag", corpus=str(corpus)) as rag:
+        out = await rag(request("yellow bananas"))
+    assert CONTEXT.read(out) == ["bananas are yellow"]
+
+
+def test_stage_options_are_checked_against_the_factory_model(settings):
+    with pytest.raises(ConfigError) as bad:
+        prepare("services.rag.stage:rag", "stage", {"top_k": 99, "corpse": "x"}, "stages.rag")
+    keys = [p.key for p in bad.value.problems]
+    assert keys == ["stages.rag.options.top_k", "stages.rag.options.corpse"]
+    with pytest.raises(ConfigError, match="unknown fields"):
+        prepare("services.assemble.stage:assemble", "stage", {"template": "{x}"}, "stages.a")
+    with pytest.raises(ConfigError, match=r"stages\.post\.options\.anything: Extra inputs"):
+        prepare("services.post.stage:post", "stage", {"anything": 1}, "stages.post")
 
 
 def test_retriever_missing_corpus_is_a_config_error(tmp_path):
@@ -67,13 +100,17 @@ def test_retriever_returns_nothing_without_overlap():
 
 
 def test_render_uses_template_and_keeps_braces_in_input():
-    env = request("a {weird} input").model_copy(update={"context": ["c1", "c2"]})
+    from services.assemble.stage import render
+
+    env = CONTEXT.write(request("a {weird} input"), ["c1", "c2"])
     assert render("{context}|{input}|{session_id}", env) == "- c1\n- c2|a {weird} input|s"
     assert render("{context}", request()) == "(none)"
 
 
-def test_clean_joins_and_normalises_whitespace():
-    assert clean(["Hello ", " world\n", "\x00!", "  "]) == "Hello world !"
+def test_clean_normalises_whitespace_and_control_characters():
+    from services.post.stage import clean
+
+    assert clean("Hello  world\n\x00!  ") == "Hello world !"
 
 
 async def test_echo_worker_streams_words():
@@ -82,20 +119,25 @@ async def test_echo_worker_streams_words():
 
 
 def test_load_worker_builtin_and_import_path():
-    assert isinstance(load_worker(WorkerSettings()), EchoWorker)
-    custom = load_worker(WorkerSettings(kind="tests.unit.test_stages:make_upper"))
+    assert isinstance(load_worker("echo"), EchoWorker)
+    custom = load_worker("tests.unit.test_stages:make_upper", custom={"x": 1})
     assert isinstance(custom, ModelWorker)
-    with pytest.raises(ConfigError, match="unknown worker kind"):
-        load_worker(WorkerSettings(kind="gpt"))
-    with pytest.raises(ConfigError, match="cannot load worker"):
-        load_worker(WorkerSettings(kind="no.such.module:f"))
+    with pytest.raises(ConfigError, match="unknown worker"):
+        load_worker("gpt")
+    with pytest.raises(ConfigError, match=r"cannot import no\.such\.module:f"):
+        load_worker("no.such.module:f")
 
 
-async def test_inference_and_stream_reject_skipped_stages(settings):
-    with pytest.raises(Reject, match="no prompt"):
-        await STAGES["inference"].build(settings)(request())
-    with pytest.raises(Reject, match="no output"):
-        await STAGES["stream"].build(settings)(request())
+async def test_a_stage_missing_what_an_earlier_stage_adds_is_rejected(settings):
+    async with handler_of(settings, "inference") as inference:
+        with pytest.raises(Reject, match=r"data\.prompt is missing \(the prompt: set by"):
+            await inference(request())
+    async with handler_of(settings, "stream") as stream:
+        with pytest.raises(Reject, match=r"data\.output is missing"):
+            await stream(request())
+    async with handler_of(settings, "post") as post:
+        with pytest.raises(Reject, match=r"data\.completion: Input should be a valid string"):
+            await post(request().with_data(completion=["not", "text"]))
 
 
 class UpperWorker:
@@ -106,5 +148,6 @@ class UpperWorker:
         return None
 
 
-def make_upper(settings):
+def make_upper(options):
+    assert options == {"x": 1}
     return UpperWorker()

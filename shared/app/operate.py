@@ -1,4 +1,4 @@
-"""The `orchestrator dlq` and `orchestrator status` commands."""
+"""The operator's commands: `orchestrator status` and `orchestrator dlq ...`."""
 
 import argparse
 import asyncio
@@ -9,12 +9,17 @@ from datetime import datetime
 
 import orjson
 
-from shared.bus import Bus
+from shared.app.args import SUBCOMMAND_OPTIONS, positive_float, positive_int
+from shared.app.commands import url_of
 from shared.deadletter import Entry
 from shared.dlq import DeadLetterQueue, EntryFilter
 from shared.errors import ConfigError
 from shared.failure import Reason
 from shared.settings import Settings
+from shared.status import format_status, read_status
+from shared.topology import Topology
+from shared.transport.api import MessageBus
+from shared.transport.connection import Bus
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -38,10 +43,8 @@ def parse_time(text: str, now: float | None = None) -> float:
     return parsed.timestamp()
 
 
-def add_commands(sub: argparse._SubParsersAction, stage_names: list[str]) -> None:
+def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register `status` and `dlq ...` on the main parser."""
-    from shared.cli import SUBCOMMAND_OPTIONS, positive_float, positive_int  # (circular)
-
     common = [SUBCOMMAND_OPTIONS]
 
     status = sub.add_parser(
@@ -65,7 +68,7 @@ def add_commands(sub: argparse._SubParsersAction, stage_names: list[str]) -> Non
     ops = dlq.add_subparsers(dest="dlq_command", required=True, metavar="OPERATION")
 
     def filters(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--stage", choices=stage_names, help="only entries from this stage")
+        p.add_argument("--stage", help="only entries from this stage")
         p.add_argument("--reason", choices=[r.value for r in Reason], help="only this reason")
         p.add_argument("--session", help="only this session id")
         p.add_argument("--request-id", help="only this request id")
@@ -173,12 +176,20 @@ class _Bar:
         sys.stderr.flush()
 
 
-async def run_status(args: argparse.Namespace, settings: Settings, bus: Bus) -> int:
-    """`orchestrator status`."""
-    from services.registry import PIPELINE
-    from shared.status import format_status, read_status
+async def with_bus(args: argparse.Namespace, settings: Settings) -> int:
+    """Connect, run `status` or `dlq ...`, disconnect."""
+    bus = await Bus.connect(url_of(settings), name=f"orchestrator-{args.command}", wait=5.0)
+    try:
+        if args.command == "status":
+            return await run_status(args, Topology(settings), bus)
+        return await run_dlq(args, Topology(settings), bus)
+    finally:
+        await bus.close()
 
-    status = await read_status(bus, settings, list(PIPELINE))
+
+async def run_status(args: argparse.Namespace, topology: Topology, bus: MessageBus) -> int:
+    """`orchestrator status`."""
+    status = await read_status(bus, topology)
     if args.json:
         print(orjson.dumps(status.to_dict(), option=orjson.OPT_INDENT_2).decode())
     else:
@@ -186,9 +197,9 @@ async def run_status(args: argparse.Namespace, settings: Settings, bus: Bus) -> 
     return 0
 
 
-async def run_dlq(args: argparse.Namespace, settings: Settings, bus: Bus) -> int:
+async def run_dlq(args: argparse.Namespace, topology: Topology, bus: MessageBus) -> int:
     """`orchestrator dlq OPERATION`."""
-    dlq = DeadLetterQueue(bus, settings)
+    dlq = DeadLetterQueue(bus, topology)
     op = args.dlq_command
     if op == "show":
         entry = await dlq.get(args.seq)

@@ -1,9 +1,15 @@
-"""The stage runtime: the one loop that moves messages through a stage.
+"""The stage runtime: the one loop that moves messages through a stage instance.
 
-For each fetched message: decode -> handler -> publish to the next subject and await the
-store's ack -> ack the input. The input is acked only after its output (or its dead-letter
-entry) is safely stored, so a crash at any point means redelivery, never loss; the output's
-`Nats-Msg-Id` (`<request_id>:<stage>`) lets the server drop the duplicate a redelivery makes.
+For each message: decode -> the middleware chain around the handler -> route the output ->
+publish it to the next stage's channel (or the results) and await the store's ack -> ack the
+input. The input is acked only after its output (or its dead-letter entry) is safely stored,
+so a crash at any point means redelivery, never loss; the output's `Nats-Msg-Id`
+(`<request_id>:<stage>`) lets the server drop the duplicate a redelivery makes.
+
+Lifecycle of `run`: set up the handler and middleware (their factories' context managers are
+entered), join the stage's membership and take this instance's partitions, consume until
+`stop`, drain what was taken, hand the partitions over, then tear the handler and middleware
+down.
 """
 
 import asyncio
@@ -12,30 +18,28 @@ import logging
 import time
 from collections.abc import Callable
 
-from opentelemetry import propagate, trace
-from pydantic import BaseModel
-
 from shared import deadletter
-from shared.affinity import Affinity
-from shared.attempts import AttemptLog, Prior
-from shared.bus import Bus, Delivery
-from shared.envelope import Envelope, Hop, decode, encode
-from shared.errors import BusError, MessageTooLarge
-from shared.failure import Abandoned, DeadLetter, Expired, HandlerTimeout, Retry, decide
+from shared.components import Context, open_component
+from shared.envelope import Envelope, Hop, Result, decode, encode
+from shared.errors import BusError, ConfigError, MessageTooLarge
+from shared.failure import Abandoned, DeadLetter, Expired, Reject, Retry, decide, describe
 from shared.gate import Gate
+from shared.middleware import Call, CallNext, Middleware, Outcome, compose, observers
+from shared.runtime.affinity import Affinity
+from shared.runtime.attempts import AttemptLog, Prior
+from shared.runtime.plan import StagePlan
+from shared.runtime.timeouts import Timeouts
+from shared.runtime.tracing import Tracing
 from shared.settings import Settings
-from shared.stage import Handler, StageSpec
 from shared.topology import Topology
+from shared.transport.api import Delivery, MessageBus
 
 log = logging.getLogger(__name__)
-_tracer = trace.get_tracer("prompt-orchestrator")
 
 FETCH_WAIT = 1.0
 """Longest the loop waits for a message; also bounds how long a stop takes to be noticed."""
 REFILL_WAIT = 0.005
 """How long a few free slots wait for more to free up before work is handed to them."""
-WATCHDOG_PERIOD = 0.5
-"""How often handler deadlines are checked: a timeout fires up to this much late."""
 ISOLATE_AFTER = 2
 """Attempts cut off by a lost consumer after which a message runs with nothing else under way
 (fewer when `max_deliver` is lower: innocent neighbours must never reach the limit)."""
@@ -45,36 +49,75 @@ class StageRuntime:
     """Runs one instance of one stage against a connected bus."""
 
     def __init__(
-        self, spec: StageSpec, settings: Settings, bus: Bus, instance: str, handler: Handler
+        self,
+        plan: StagePlan,
+        settings: Settings,
+        topology: Topology,
+        bus: MessageBus,
+        instance: str,
     ) -> None:
-        self.spec = spec
+        self.plan = plan
+        self.stage = plan.stage
+        self.name = plan.stage.name
         self.instance = instance
         self._bus = bus
-        self._handler = handler
-        self._topology = Topology(settings)
+        self._topology = topology
         self._settings = settings
-        self._stream = self._topology.stream_name(spec.input)
-        self._cfg = getattr(settings.stages, spec.name)
+        self._stream = topology.stream_name(self.stage.channel)
+        self._cfg = self.stage.decl
         self._max_bytes = settings.max_message_bytes
         self._stopping = asyncio.Event()
         self._inflight: dict[Delivery, float] = {}
         self.affinity: Affinity | None = None
         self._attempts: AttemptLog | None = None
         self._gate = Gate()
-        self._deadlines: dict[asyncio.Task[None], float] = {}
-        self._timed_out: set[asyncio.Task[None]] = set()
+        self._chain: CallNext | None = None
+        self._observers: list[Middleware] = []
         # A message under way beside one that keeps killing the process is cut off at most
         # this many times before that one runs alone: it must stay below max_deliver.
         self._isolate_after = max(1, min(ISOLATE_AFTER, self._cfg.max_deliver - 1))
         self.last_loop = time.monotonic()
         """When the fetch loop last went round: a loop that stops turning is unhealthy."""
 
+    @property
+    def in_flight(self) -> int:
+        """Messages this instance holds and has not settled."""
+        return len(self._inflight)
+
+    def deliveries(self) -> list[Delivery]:
+        """The messages this instance holds and has not settled."""
+        return list(self._inflight)
+
     def stop(self) -> None:
         """Ask the loop to stop fetching; `run` returns once in-flight messages are settled."""
         self._stopping.set()
 
     async def run(self) -> None:
-        """Fetch and process until `stop` is called, then drain what was fetched."""
+        """Set up, consume until `stop` is called, drain what was taken, hand over, tear down."""
+        async with contextlib.AsyncExitStack() as stack:
+            await self._set_up(stack)
+            await self._consume()
+
+    async def _set_up(self, stack: contextlib.AsyncExitStack) -> None:
+        plan = self.plan
+        handler = await open_component(plan.handler, self._context(plan.handler.options), stack)
+        chain: list[Middleware] = [Tracing()]
+        for prepared in plan.middleware:
+            made = await open_component(prepared, self._context(prepared.options), stack)
+            if not isinstance(made, Middleware):
+                raise ConfigError(
+                    f"{prepared.reference} made a {type(made).__name__}, "
+                    "not a shared.middleware.Middleware"
+                )
+            chain.append(made)
+        chain.append(await stack.enter_async_context(Timeouts(self.name, self._cfg.timeout)))
+        self._chain = compose(chain, handler)
+        self._observers = observers(chain)
+
+    def _context(self, options: object) -> Context[object]:
+        return Context(stage=self.name, instance=self.instance, options=options)
+
+    async def _consume(self) -> None:
         tasks: set[asyncio.Task[None]] = set()
         pause_requested = asyncio.Event()
         parked = asyncio.Event()
@@ -94,12 +137,12 @@ class StageRuntime:
 
             return resume
 
-        affinity = Affinity(self._bus, self._settings, self.spec, self.instance, quiesce)
+        affinity = Affinity(self._bus, self._settings, self._topology, self.stage, self.instance,
+                            quiesce)  # fmt: skip
         await affinity.start()
         self.affinity = affinity
         self._attempts = affinity.attempts
         heartbeat = asyncio.create_task(self._keep_alive())
-        watchdog = asyncio.create_task(self._watchdog())
         limit, batch = self._cfg.concurrency, self._cfg.batch
         # Hand out work in sizeable portions: a task per message is cheap, a loop turn per
         # message is not. A free slot still gets work within REFILL_WAIT when handlers are slow.
@@ -130,28 +173,18 @@ class StageRuntime:
                         await asyncio.wait(tasks, timeout=FETCH_WAIT)
                         continue
                     parked.set()
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(FETCH_WAIT):
-                            await resumed.wait()
+                    await _wait(resumed, FETCH_WAIT)
                     continue
                 free = limit - len(tasks)
                 if free < refill:
                     room.clear()
+                    await _wait(room, FETCH_WAIT if free == 0 else REFILL_WAIT)
                     if free == 0:
-                        with contextlib.suppress(TimeoutError):
-                            async with asyncio.timeout(FETCH_WAIT):
-                                await room.wait()
                         continue
-                    else:
-                        with contextlib.suppress(TimeoutError):
-                            async with asyncio.timeout(REFILL_WAIT):
-                                await room.wait()
                     free = limit - len(tasks)
                 if puller is None or not affinity.owned:  # more instances than partitions
                     affinity.changed.clear()
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(FETCH_WAIT):
-                            await affinity.changed.wait()
+                    await _wait(affinity.changed, FETCH_WAIT)
                     continue
                 try:
                     deliveries = await puller.fetch(free, FETCH_WAIT, ask=not winding_down)
@@ -182,7 +215,6 @@ class StageRuntime:
                 raise
             finally:  # even when cancelled after drain_timeout, hand the partitions over
                 heartbeat.cancel()
-                watchdog.cancel()
                 await asyncio.shield(affinity.leave(under_way=cut_off))
 
     async def _process(self, delivery: Delivery) -> None:
@@ -250,9 +282,9 @@ class StageRuntime:
         `attempt` counts the attempts that failed cleanly before, plus this one; `prior`
         holds what earlier consumers recorded for a suspect.
         """
-        envelope: Envelope | None = None
+        request: Envelope | None = None
         try:
-            envelope = decode(delivery.data, Envelope, self._max_bytes)
+            request = decode(delivery.data, Envelope, self._max_bytes)
             if prior is not None and prior.losses >= self._cfg.max_deliver:
                 raise Abandoned(
                     f"cut off {prior.losses} times (at most {self._cfg.max_deliver}): the "
@@ -263,93 +295,66 @@ class StageRuntime:
                     f"attempt {attempt} of at most {self._cfg.max_deliver}: the earlier ones "
                     "ended without a result (the handler timed out or the stage was stopped)"
                 )
-            if envelope.deadline is not None and envelope.deadline < received:
-                late = received - envelope.deadline
-                raise Expired(f"deadline passed {late:.3f}s before {self.spec.name} received it")
-            if deadletter.TRACEPARENT in delivery.headers:
-                output, trace_headers = await self._traced(delivery, envelope)
-            else:  # untraced messages pay nothing for tracing
-                output, trace_headers = await self._call(envelope), None
-            await self._forward(envelope, output, received, trace_headers)
+            if request.deadline is not None and request.deadline < received:
+                late = received - request.deadline
+                raise Expired(f"deadline passed {late:.3f}s before {self.name} received it")
+            call = Call(self.name, self.instance, request, attempt, delivery.subject,
+                        delivery.headers, received)  # fmt: skip
+            assert self._chain is not None
+            output = await self._chain(call)
+            to = await self._forward(request, output, received, call.carry)
             await delivery.ack()
+            if self._observers:
+                self._notify(request, Outcome("forwarded", time.time() - received, to=to))
             return True
         except Exception as exc:  # any failure becomes a retry or a dead letter, never a crash
-            return await self._settle_failure(delivery, envelope, exc, attempt, prior)
-
-    async def _call(self, envelope: Envelope) -> BaseModel:
-        # A hung handler (a model server that never answers) would hold its slot, and the
-        # keep-alive would hold its message, until the process stops. The watchdog cancels
-        # it past its deadline: cheaper per message than an asyncio.timeout around each call.
-        task = asyncio.current_task()
-        assert task is not None
-        self._deadlines[task] = time.monotonic() + self._cfg.timeout
-        try:
-            output = await self._handler(envelope)
-        except asyncio.CancelledError:
-            if task in self._timed_out and task.cancelling() == 1:  # only the watchdog's
-                task.uncancel()
-                raise HandlerTimeout(
-                    f"{self.spec.name} handler took longer than {self._cfg.timeout:g}s"
-                ) from None
-            raise
-        else:
-            if task in self._timed_out:  # the handler swallowed the cancellation
-                task.uncancel()
-            return output
-        finally:
-            del self._deadlines[task]
-            self._timed_out.discard(task)
-
-    async def _traced(
-        self, delivery: Delivery, envelope: Envelope
-    ) -> tuple[BaseModel, dict[str, str]]:
-        # A span per stage, child of the caller's (W3C trace context in the headers); with no
-        # OpenTelemetry SDK configured the caller's context passes through unchanged.
-        parent = propagate.extract(delivery.headers)
-        with _tracer.start_as_current_span(
-            f"{self.spec.name} process",
-            context=parent,
-            kind=trace.SpanKind.CONSUMER,
-            attributes={
-                "messaging.system": "nats",
-                "messaging.destination.name": delivery.subject,
-                "orchestrator.request_id": envelope.request_id,
-                "orchestrator.instance": self.instance,
-            },
-        ):
-            output = await self._call(envelope)
-            carrier: dict[str, str] = {}
-            propagate.inject(carrier)
-        return output, carrier
+            return await self._settle_failure(delivery, request, exc, attempt, prior, received)
 
     async def _forward(
-        self,
-        envelope: Envelope,
-        output: BaseModel,
-        received: float,
-        headers: dict[str, str] | None,
-    ) -> None:
-        hops: list[Hop] = output.hops  # type: ignore[attr-defined]
-        hops.append(
-            Hop(stage=self.spec.name, instance=self.instance, received=received, done=time.time())
+        self, request: Envelope, output: object, received: float, headers: dict[str, str]
+    ) -> str | None:
+        """Publish the handler's output where it goes; return the next stage (None: result)."""
+        if isinstance(output, Envelope):
+            to = self.stage.route(output)
+            if to is None:
+                raise Reject(f"{self.name} is a last stage (no next): its handler must return "
+                             "a Result, not an Envelope")  # fmt: skip
+        elif isinstance(output, Result):
+            to = None
+            if not self.stage.last:
+                raise Reject(f"{self.name} returned a Result, but its output goes on to "
+                             f"{self.stage.route.default!r}: return an Envelope")  # fmt: skip
+        else:
+            raise Reject(f"{self.name} handler returned {type(output).__name__}, not an "
+                         "Envelope or a Result")  # fmt: skip
+        output.hops.append(
+            Hop(stage=self.name, instance=self.instance, received=received, done=time.time())
         )
-        subject = self._topology.output_subject(
-            self.spec.output, envelope.session_id, envelope.request_id
-        )
-        await self._bus.publish(
-            subject,
-            encode(output),
-            msg_id=f"{envelope.request_id}:{self.spec.name}",
-            headers=headers,
-        )
+        try:
+            payload = encode(output)
+        except TypeError as exc:  # a value in `data` that JSON cannot carry
+            raise Reject(f"{self.name} output cannot be encoded as JSON: {exc}") from None
+        subject = self._topology.output_subject(to, request.session_id, request.request_id)
+        await self._bus.publish(subject, payload, msg_id=f"{request.request_id}:{self.name}",
+                                headers=headers or None)  # fmt: skip
+        return to
+
+    def _notify(self, request: Envelope | None, outcome: Outcome) -> None:
+        for mw in self._observers:
+            try:
+                mw.settled(self.name, request, outcome)
+            except Exception as exc:  # an observer must not change what happened
+                log.warning("%s: middleware %s failed in settled: %r", self.instance,
+                            type(mw).__name__, exc)  # fmt: skip
 
     async def _settle_failure(
         self,
         delivery: Delivery,
-        envelope: Envelope | None,
+        request: Envelope | None,
         exc: Exception,
         attempt: int,
         prior: Prior | None,
+        received: float,
     ) -> bool:
         """Retry or dead-letter after a failed attempt; True if the message left for good."""
         action = decide(exc, attempt, self._cfg.max_deliver, self._cfg.backoff)
@@ -359,9 +364,18 @@ class StageRuntime:
                 if prior is not None and self._attempts is not None:
                     await self._close_record(delivery, prior, attempt)
                 await delivery.nak(delay=action.delay)
+                if self._observers:
+                    outcome = Outcome("retried", time.time() - received, delay=action.delay,
+                                      error=describe(exc))  # fmt: skip
+                    self._notify(request, outcome)
                 return False
             losses = prior.losses if prior is not None else 0
-            return await self._dead_letter(delivery, envelope, action, attempt + losses)
+            settled = await self._dead_letter(delivery, request, action, attempt + losses)
+            if settled and self._observers:
+                outcome = Outcome("dead_lettered", time.time() - received,
+                                  reason=action.reason.value, error=action.error)  # fmt: skip
+                self._notify(request, outcome)
+            return settled
         except Exception as settle_exc:
             # Neither acked nor nak'ed: the server redelivers after ack_wait. Nothing is lost.
             log.warning("%s: could not settle message: %s", self.instance, settle_exc)
@@ -376,21 +390,21 @@ class StageRuntime:
             log.warning("%s: cannot record a failed attempt: %s", self.instance, exc)
 
     async def _dead_letter(
-        self, delivery: Delivery, envelope: Envelope | None, action: DeadLetter, attempt: int
+        self, delivery: Delivery, request: Envelope | None, action: DeadLetter, attempt: int
     ) -> bool:
         headers = deadletter.entry_headers(
             reason=action.reason,
             error=action.error,
-            stage=self.spec.name,
+            stage=self.name,
             subject=delivery.subject,
             delivered=attempt,
-            request_id=envelope.request_id if envelope else None,
-            session_id=envelope.session_id if envelope else None,
+            request_id=request.request_id if request else None,
+            session_id=request.session_id if request else None,
             original=delivery.headers,
         )
         # Keyed by the input's stream sequence, so a redelivered copy is stored only once.
         msg_id = f"dlq:{self._stream}:{delivery.stream_seq}"
-        subject = self._topology.dlq_subject(self.spec.name, action.reason)
+        subject = self._topology.dlq_subject(self.name, action.reason)
         payload = delivery.data
         wait = 0.5
         while True:
@@ -418,18 +432,6 @@ class StageRuntime:
         log.debug("%s: dead-lettered (%s): %s", self.instance, action.reason, action.error)
         return True
 
-    async def _watchdog(self) -> None:
-        # While a task is listed in _deadlines it is suspended inside its handler (the entry
-        # goes as soon as the handler returns), so the cancellation lands there.
-        period = min(WATCHDOG_PERIOD, self._cfg.timeout / 4)
-        while True:
-            await asyncio.sleep(period)
-            now = time.monotonic()
-            for task, deadline in list(self._deadlines.items()):
-                if deadline <= now and task not in self._timed_out:
-                    self._timed_out.add(task)
-                    task.cancel()
-
     async def _keep_alive(self) -> None:
         # Long handlers (model calls) must not outlive ack_wait, or the message is redelivered
         # to another instance while still being worked on here.
@@ -443,3 +445,10 @@ class StageRuntime:
                         await delivery.in_progress()
                     except Exception as exc:
                         log.debug("in_progress failed: %s", exc)
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> None:
+    """Wait for `event`, at most `timeout` seconds."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await event.wait()

@@ -28,11 +28,11 @@ from dataclasses import dataclass
 
 import orjson
 
-from shared.bus import MSG_ID, Bus, ConsumerView, KeyValueStore
 from shared.errors import BusError
+from shared.graph import Stage
 from shared.settings import Settings
-from shared.stage import StageSpec
 from shared.topology import Topology
+from shared.transport.api import MSG_ID, ConsumerView, KeyValue, MessageBus
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +53,15 @@ class Prior:
 class AttemptLog:
     """The attempt records of one stage's input stream, as one instance sees them."""
 
-    def __init__(self, bus: Bus, settings: Settings, spec: StageSpec) -> None:
-        topology = Topology(settings)
+    def __init__(
+        self, bus: MessageBus, settings: Settings, topology: Topology, stage: Stage
+    ) -> None:
         self._bus = bus
         self._settings = settings
         self._bucket = topology.attempts_bucket()
-        self._stream = topology.stream_name(spec.input)
-        self._prefix = f"{spec.name}."
-        self._kv: KeyValueStore | None = None
+        self._stream = topology.stream_name(stage.channel)
+        self._prefix = f"{stage.name}."
+        self._kv: KeyValue | None = None
         self._prior: dict[int, tuple[Prior, str]] = {}
 
     async def open(self) -> None:
@@ -125,7 +126,7 @@ class AttemptLog:
         for subject in consumer.subjects:
             seq = floor + 1
             while seq <= last:
-                msg = await self._bus.message_at(self._stream, seq, subject)
+                msg = await self._bus.admin.message_at(self._stream, seq, subject)
                 if msg is None or msg.seq > last:
                     break
                 record = _record(msg.headers, failures, 0, under_way)
@@ -139,7 +140,7 @@ class AttemptLog:
     def _key(self, seq: int) -> str:
         return f"{self._prefix}{seq}"
 
-    def _store(self) -> KeyValueStore:
+    def _store(self) -> KeyValue:
         if self._kv is None:
             raise RuntimeError("AttemptLog.open() was not called")
         return self._kv

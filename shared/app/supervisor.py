@@ -13,20 +13,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-from shared.settings import CONFIG_ENV, Settings
-from shared.stage import StageSpec
+from shared.config import CONFIG_ENV
+from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
 RESTART_DELAY = 1.0
 
 
-def plan(settings: Settings, specs: list[StageSpec], instances: int | None) -> list[str]:
+def plan(settings: Settings, stages: list[str], instances: int | None) -> list[str]:
     """The stage of every process to run: `instances` each, or each stage's own count."""
     out = []
-    for spec in specs:
-        count = instances or getattr(settings.stages, spec.name).instances
-        out += [spec.name] * count
+    for name in stages:
+        out += [name] * (instances or settings.stages[name].instances)
     return out
 
 
@@ -44,7 +43,7 @@ async def supervise(stages: list[str], url: str, config: Path | None) -> int:
         # Own process group: a Ctrl-C on the terminal reaches the supervisor only, which
         # then stops the children in order.
         return subprocess.Popen(
-            [sys.executable, "-m", f"services.{stage}"], env=env, start_new_session=True
+            [sys.executable, "-m", "shared.app", "run", stage], env=env, start_new_session=True
         )
 
     procs = [(stage, spawn(stage)) for stage in stages]

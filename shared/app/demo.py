@@ -1,15 +1,15 @@
-"""The demo: five stages in this process, ten requests through them, results and latencies."""
+"""The demo: every stage in this process, ten requests through them, results and latencies."""
 
 import asyncio
 from typing import TextIO
 
-from services.registry import PIPELINE
-from shared.bus import Bus
 from shared.client import Client
 from shared.latency import format_table, stage_latencies
-from shared.runner import StageGroup, declare
+from shared.runtime.group import StageGroup, declare
 from shared.settings import Settings
 from shared.status import until_consuming
+from shared.topology import Topology
+from shared.transport.connection import Bus
 
 QUESTIONS = (
     ("alice", "What is JetStream and how does it store messages?"),
@@ -27,18 +27,18 @@ QUESTIONS = (
 
 async def run_demo(settings: Settings, url: str, requests: int, out: TextIO) -> None:
     """Run the pipeline in-process against `url` and send `requests` requests through it."""
+    topology = Topology(settings)
+    group = StageGroup(settings, topology.graph.names, topology)
     bus = await Bus.connect(
         url, name="orchestrator-demo", publish_timeout=settings.publish_timeout, wait=5.0
     )
     client = await Client.connect(settings, url)
-    group: StageGroup | None = None
     try:
-        await declare(bus, settings)
-        group = StageGroup(settings, bus, PIPELINE)
-        group.start()
+        await declare(bus, topology)
+        group.start(bus)
         # Requests sent sooner wait in the intake until the stages are up, which is real but
         # not what the latency table is for; after 10 s they are sent anyway.
-        await until_consuming(bus, settings, timeout=10.0)
+        await until_consuming(bus, topology, timeout=10.0)
         asks = [QUESTIONS[i % len(QUESTIONS)] for i in range(requests)]
         results = await asyncio.gather(
             *(client.ask(text, session, timeout=30.0) for session, text in asks)
@@ -49,7 +49,6 @@ async def run_demo(settings: Settings, url: str, requests: int, out: TextIO) -> 
         rows, end_to_end = stage_latencies(results)
         print("\nper-stage latency:\n" + format_table(rows, end_to_end), file=out)
     finally:
-        if group is not None:
-            await group.stop()
+        await group.stop()
         await client.close()
         await bus.close()

@@ -31,12 +31,12 @@ from collections.abc import Awaitable, Callable
 import orjson
 
 from shared.assignment import rebalance
-from shared.attempts import AttemptLog
-from shared.bus import Bus, ConsumerView, KeyValueStore, Puller, StoredMessage
 from shared.errors import BusError, SubjectTaken
+from shared.graph import Stage
+from shared.runtime.attempts import AttemptLog
 from shared.settings import Settings
-from shared.stage import StageSpec
 from shared.topology import Topology
+from shared.transport.api import ConsumerView, KeyValue, MessageBus, Puller, StoredMessage
 
 log = logging.getLogger(__name__)
 
@@ -48,35 +48,36 @@ class Affinity:
 
     def __init__(
         self,
-        bus: Bus,
+        bus: MessageBus,
         settings: Settings,
-        spec: StageSpec,
+        topology: Topology,
+        stage: Stage,
         instance: str,
         quiesce: Callable[[], Awaitable[Callable[[], None]]] | None = None,
     ) -> None:
         """`quiesce` pauses the stage until nothing is in flight and returns its resume."""
-        self.spec = spec
+        self.stage = stage
         self._quiesce = quiesce
         self.instance = instance
         self.owned: tuple[int, ...] = ()
         self.changed = asyncio.Event()
         """Set whenever `owned` changes."""
         self.puller: Puller | None = None
-        self.attempts = AttemptLog(bus, settings, spec)
+        self.attempts = AttemptLog(bus, settings, topology, stage)
         """Attempt counts of the messages this instance may get, across consumers."""
         self._bus = bus
         self._settings = settings
         self._cfg = settings.affinity
-        self._topology = Topology(settings)
-        self._stream = self._topology.stream_name(spec.input)
-        self._name = self._topology.consumer_name(spec.name, instance)
+        self._topology = topology
+        self._stream = topology.stream_name(stage.channel)
+        self._name = topology.consumer_name(stage.name, instance)
         self._seen: dict[str, float] = {}
         self._holds: dict[str, tuple[int, ...]] = {}
         self._retry = False
         self._consumer_ok = False
         self._leaving = False
         self._force = False
-        self._kv: KeyValueStore | None = None
+        self._kv: KeyValue | None = None
         self._task: asyncio.Task[None] | None = None
         self._beat_task: asyncio.Task[None] | None = None
 
@@ -91,9 +92,9 @@ class Affinity:
             self._topology.members_bucket(), ttl=self._cfg.failover_after, storage=s.storage
         )
         await self.attempts.open()
-        self._sub = await self._bus.subscribe_core(self._kv.subject(f"{self.spec.name}.*"))
+        self._sub = await self._bus.subscribe(self._kv.subject(f"{self.stage.name}.*"))
         now = time.monotonic()
-        for key, value in (await self._kv.items(f"{self.spec.name}.")).items():
+        for key, value in (await self._kv.items(f"{self.stage.name}.")).items():
             other = key.split(".", 1)[1]
             if other != self.instance:
                 self._seen[other] = now
@@ -129,11 +130,11 @@ class Affinity:
 
     @property
     def _key(self) -> str:
-        return f"{self.spec.name}.{self.instance}"
+        return f"{self.stage.name}.{self.instance}"
 
     async def _announce(self) -> None:
         assert self._kv is not None
-        value = {"stage": self.spec.name, "instance": self.instance, "owned": list(self.owned),
+        value = {"stage": self.stage.name, "instance": self.instance, "owned": list(self.owned),
                  "at": time.time()}  # fmt: skip
         await self._kv.put(self._key, orjson.dumps(value))
 
@@ -197,7 +198,7 @@ class Affinity:
         self._retry = False
         current = {other: self._holds.get(other, ()) for other in self._seen}
         current[self.instance] = self.owned
-        plan = rebalance(self.spec.name, self._settings.partitions, current)
+        plan = rebalance(self.stage.name, self._settings.partitions, current)
         desired = set(plan[self.instance])
         force, self._force = self._force, False
         if desired == set(self.owned) and not (force and desired):
@@ -239,21 +240,20 @@ class Affinity:
         self._consumer_ok = False
         previous, self.owned = self.owned, ()
         if partitions:
-            spec = self._topology.consumer(self.spec, self.instance, partitions)
+            spec = self._topology.consumer(self.stage, self.instance, partitions)
             try:
-                await self._bus.ensure_consumer(spec)
+                await self._bus.admin.ensure_consumer(spec)
             except SubjectTaken:
                 if previous and set(previous) <= partitions:  # keep what we had meanwhile
-                    keep = self._topology.consumer(self.spec, self.instance, previous)
-                    await self._bus.ensure_consumer(keep)
+                    keep = self._topology.consumer(self.stage, self.instance, previous)
+                    await self._bus.admin.ensure_consumer(keep)
                     await self.attempts.load()
                     self.owned, self._consumer_ok = previous, True
                 raise
             await self.attempts.load()
             self._consumer_ok = True
             if self.puller is None:
-                largest = getattr(self._settings.stages, self.spec.name).batch
-                self.puller = await self._bus.pull(spec, largest)
+                self.puller = await self._bus.pull(spec, self.stage.decl.batch)
             self.owned = tuple(sorted(partitions))
         if self.owned != previous:
             log.info("%s owns partitions %s", self.instance, list(self.owned))
@@ -264,12 +264,12 @@ class Affinity:
     async def _remove_silent(self) -> None:
         # Consumers of instances no longer heard from hold partitions (and un-acked messages)
         # hostage; once such an instance has been silent for failover_after, they go.
-        live = {self._topology.consumer_name(self.spec.name, i) for i in self.live()}
-        for consumer in await self._bus.consumers(self._stream):
+        live = {self._topology.consumer_name(self.stage.name, i) for i in self.live()}
+        for consumer in await self._bus.admin.consumers(self._stream):
             age = time.time() - consumer.created
             if consumer.name not in live and age > self._cfg.failover_after:
-                instance = consumer.name.removeprefix(f"{self.spec.name}_")
-                if self._kv is not None and await self._kv.exists(f"{self.spec.name}.{instance}"):
+                instance = consumer.name.removeprefix(f"{self.stage.name}_")
+                if self._kv is not None and await self._kv.exists(f"{self.stage.name}.{instance}"):
                     continue  # still announcing: only this instance lost sight of it
                 log.info("%s: removing consumer %s of a silent instance", self.instance,
                          consumer.name)  # fmt: skip
@@ -281,16 +281,16 @@ class Affinity:
         # Record what the consumer holds un-acked before deleting it frees those messages.
         try:
             if consumer is None:
-                consumer = await self._bus.consumer(self._stream, name)
+                consumer = await self._bus.admin.consumer(self._stream, name)
             if consumer is not None and consumer.state.delivered > consumer.state.ack_floor:
                 await self.attempts.record_unsettled(consumer, under_way=under_way)
         except BusError as exc:  # a takeover must not wait for the attempt log
             log.warning("%s: could not record the attempts of %s: %s", self.instance, name, exc)
-        await self._bus.delete_consumer(self._stream, name)
+        await self._bus.admin.delete_consumer(self._stream, name)
 
     async def _held_by_others(self) -> set[int]:
         held: set[int] = set()
-        for consumer in await self._bus.consumers(self._stream):
+        for consumer in await self._bus.admin.consumers(self._stream):
             if consumer.name != self._name:
                 for subject in consumer.subjects:
                     p = self._topology.partition_of_subject(subject)

@@ -1,0 +1,216 @@
+"""The bodies of the everyday commands: demo, up, run, declare, server, publish, ask, result,
+health. Each takes the parsed arguments and the loaded settings and returns an exit code."""
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from shared.app.natsserver import EmbeddedNats, port_is_free
+from shared.app.process import DEFAULT_URL, check_health, serve
+from shared.client import Client
+from shared.envelope import MetaValue
+from shared.errors import ConfigError, ResultTimeout
+from shared.runtime.group import declare
+from shared.settings import Settings
+from shared.topology import Topology
+from shared.transport.connection import Bus
+
+DEFAULT_PORT = 4222
+NO_RESULT = 1
+"""Exit code of `result` and `ask` when there is no result (in time): an answer, not an error."""
+
+Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
+
+
+def url_of(settings: Settings) -> str:
+    """The NATS URL a one-shot command connects to."""
+    return settings.nats_url or DEFAULT_URL
+
+
+def stage_names(settings: Settings) -> list[str]:
+    """The pipeline's stages, entry first."""
+    return Topology(settings).graph.names
+
+
+def known_stage(settings: Settings, stage: str) -> str:
+    """`stage` if the pipeline has it, else a ConfigError listing the stages it has."""
+    names = stage_names(settings)
+    if stage not in names:
+        raise ConfigError(f"no stage {stage!r} in the pipeline; its stages: {', '.join(names)}")
+    return stage
+
+
+async def demo(args: argparse.Namespace, settings: Settings) -> int:
+    """`orchestrator demo`."""
+    from shared.app.demo import run_demo
+
+    if settings.nats_url:
+        await run_demo(settings, settings.nats_url, args.requests, sys.stdout)
+        return 0
+    with EmbeddedNats() as nats_server:
+        print(f"embedded nats-server on {nats_server.url} (pid {nats_server.pid})",
+              file=sys.stderr)  # fmt: skip
+        await run_demo(settings, nats_server.url, args.requests, sys.stdout)
+    return 0
+
+
+async def up(args: argparse.Namespace, settings: Settings) -> int:
+    """`orchestrator up`."""
+    from shared.app.supervisor import plan, supervise
+
+    names = stage_names(settings)
+    processes = plan(settings, names, args.instances)
+    separate = args.instances is not None or len(processes) > len(names)
+
+    async def run_on(url: str) -> int:
+        if separate:
+            return await supervise(processes, url, args.config)
+        await serve(settings, names, url)
+        return 0
+
+    if settings.nats_url:
+        return await run_on(settings.nats_url)
+    # The default port when it is free, so that `orchestrator ask` etc. find it unconfigured,
+    # with a store kept across restarts. Otherwise another `up` probably holds that port and
+    # the store: this server gets a free port and a temporary store of its own (a store
+    # serves one server at a time; EmbeddedNats refuses a store in use).
+    if port_is_free(DEFAULT_PORT):
+        nats_server = EmbeddedNats(store_dir=up_store(), port=DEFAULT_PORT)
+    else:
+        nats_server = EmbeddedNats()
+    with nats_server:
+        print(f"embedded nats-server on {nats_server.url}, store {nats_server.store_dir}",
+              file=sys.stderr)  # fmt: skip
+        if nats_server.port != DEFAULT_PORT:
+            print(f"(port {DEFAULT_PORT} is taken: pass --nats-url {nats_server.url} to other "
+                  "commands; the store is removed when this stops)", file=sys.stderr)  # fmt: skip
+        return await run_on(nats_server.url)
+
+
+def up_store() -> Path:
+    """The store of the server `up` starts on the default port: kept across restarts."""
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "prompt-orchestrator"
+
+
+async def run(args: argparse.Namespace, settings: Settings) -> int:
+    """`orchestrator run STAGE`."""
+    await serve(settings, [known_stage(settings, args.stage)], url_of(settings))
+    return 0
+
+
+async def declare_streams(args: argparse.Namespace, settings: Settings) -> int:
+    """`orchestrator declare`."""
+    bus = await Bus.connect(url_of(settings), name="orchestrator-declare", wait=5.0)
+    try:
+        for line in await declare(bus, Topology(settings)):
+            print(line)
+    finally:
+        await bus.close()
+    return 0
+
+
+async def server(args: argparse.Namespace, settings: Settings) -> int:
+    """`orchestrator server`."""
+    nats_server = EmbeddedNats(store_dir=args.store, port=args.port)
+    try:  # a signal may arrive at any point, even while starting or during the prints
+        nats_server.start()
+        kept = "" if args.store else " (temporary: removed when the server stops)"
+        print(f"nats-server on {nats_server.url} (pid {nats_server.pid}), "
+              f"store {nats_server.store_dir}{kept}")  # fmt: skip
+        print("press Ctrl-C to stop", flush=True)
+        process = nats_server.process
+        assert process is not None
+        code = await asyncio.to_thread(process.wait)
+        print(f"nats-server exited with {code}", file=sys.stderr)
+        return 1
+    finally:
+        nats_server.stop()
+        nats_server.cleanup()  # only a store it created itself
+
+
+def _metadata(pairs: list[str]) -> dict[str, MetaValue]:
+    out: dict[str, MetaValue] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--meta wants KEY=VALUE, got {pair!r}")
+        out[key] = value
+    return out
+
+
+def _request_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options `publish` and `ask` share: metadata, request id, deadline."""
+    return {
+        "metadata": _metadata(args.meta),
+        "request_id": args.request_id,
+        "deadline": time.time() + args.ttl if args.ttl is not None else None,
+    }
+
+
+async def publish(args: argparse.Namespace, settings: Settings) -> int:
+    """`orchestrator publish`."""
+    client = await Client.connect(settings, url_of(settings))
+    try:
+        request_id = await client.publish(args.text, args.session, **_request_options(args))
+    finally:
+        await client.close()
+    print(request_id)
+    return 0
+
+
+async def ask(args: argparse.Namespace, settings: Settings) -> int:
+    """`orchestrator ask`."""
+    client = await Client.connect(settings, url_of(settings))
+    try:
+        answer = await client.ask(
+            args.text, args.session, timeout=args.timeout, **_request_options(args)
+        )
+    except ResultTimeout as exc:
+        print(f"{exc} (the request was accepted: `orchestrator result {exc.request_id}` "
+              "reads its result later)", file=sys.stderr)  # fmt: skip
+        return NO_RESULT
+    finally:
+        await client.close()
+    print(answer.model_dump_json(indent=2) if args.json else answer.output)
+    return 0
+
+
+async def result(args: argparse.Namespace, settings: Settings) -> int:
+    """`orchestrator result`."""
+    client = await Client.connect(settings, url_of(settings))
+    try:
+        if args.timeout > 0:
+            found = await client.result(args.request_id, timeout=args.timeout)
+        else:
+            stored = await client.stored_result(args.request_id)
+            if stored is None:
+                print(f"no result for request {args.request_id}", file=sys.stderr)
+                return NO_RESULT
+            found = stored
+    except ResultTimeout as exc:
+        print(str(exc), file=sys.stderr)
+        return NO_RESULT
+    finally:
+        await client.close()
+    print(orjson.dumps(found.model_dump(), option=orjson.OPT_INDENT_2).decode()
+          if args.json else found.output)  # fmt: skip
+    return 0
+
+
+async def health(args: argparse.Namespace, settings: Settings) -> int:
+    """`orchestrator health`."""
+    path = args.file or settings.health_file
+    if path is None:
+        raise ConfigError("no health file: pass --file or set health_file / ORCH_HEALTH_FILE")
+    if check_health(path, args.max_age):
+        return 0
+    print(f"unhealthy: {path} missing or older than {args.max_age:g}s", file=sys.stderr)
+    return 1

@@ -1,0 +1,110 @@
+"""Stage processes: connect, declare, run stages until a signal, drain, disconnect."""
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from shared.app.load import load
+from shared.errors import OrchestratorError
+from shared.runtime.group import HEALTH_STALE, StageGroup, declare
+from shared.settings import Settings
+from shared.topology import Topology
+from shared.transport.connection import Bus
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL = "nats://127.0.0.1:4222"
+
+
+async def serve(settings: Settings, stages: list[str], url: str) -> None:
+    """Connect, declare, run `stages` until SIGINT/SIGTERM, then drain and disconnect."""
+    topology = Topology(settings)
+    group = StageGroup(settings, stages, topology)  # a broken stage fails before connecting
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    names = "+".join(stages)
+    connecting = asyncio.create_task(
+        Bus.connect(url, name=f"orchestrator-{names}", publish_timeout=settings.publish_timeout)
+    )
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait([connecting, stopped], return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not connecting.done():  # stopped while still waiting for NATS
+        connecting.cancel()
+        log.info("stopped before connecting")
+        return
+    bus = connecting.result()
+    try:
+        for line in await declare(bus, topology):
+            log.info(line)
+        group.start(bus)
+        health = asyncio.create_task(_report_health(group, settings.health_file))
+        log.info("running %s on %s", ", ".join(rt.instance for rt in group.runtimes), url)
+        stopper = asyncio.create_task(stop.wait())
+        runner = asyncio.create_task(group.wait())
+        await asyncio.wait([stopper, runner], return_when=asyncio.FIRST_COMPLETED)
+        log.info("stopping: draining in-flight messages")
+        health.cancel()
+        await group.stop()
+        stopper.cancel()
+        if runner.done():
+            runner.result()
+        runner.cancel()
+    finally:
+        await bus.close()
+    log.info("stopped")
+
+
+async def _report_health(group: StageGroup, path: Path | None) -> None:
+    # Liveness for container orchestrators: the file's age says when the loops last turned.
+    if path is None:
+        return
+    while True:
+        if group.healthy():
+            await asyncio.to_thread(path.touch)
+        await asyncio.sleep(HEALTH_STALE / 5)
+
+
+def check_health(path: Path, max_age: float = HEALTH_STALE) -> bool:
+    """True if `path` was touched by a healthy stage process within `max_age` seconds."""
+    try:
+        return time.time() - path.stat().st_mtime < max_age
+    except OSError:
+        return False
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """Plain logs on stderr; the level comes from -v or $ORCH_LOG_LEVEL."""
+    level = "DEBUG" if verbose else os.environ.get("ORCH_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def install_event_loop_policy() -> None:
+    """Use uvloop when it is installed (the `fast` extra): it roughly halves hop latency."""
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def stage_main(stage: str) -> None:
+    """Entry point of `python -m services.<stage>`: settings from the environment."""
+    configure_logging()
+    try:
+        settings = load()
+        if stage not in Topology(settings).graph.names:
+            raise OrchestratorError(f"stage {stage!r} is not in the pipeline (disabled?)")
+        install_event_loop_policy()
+        asyncio.run(serve(settings, [stage], settings.nats_url or DEFAULT_URL))
+    except OrchestratorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,54 @@
+"""Named, typed entries of an envelope's `data` section: how stages hand things on.
+
+A stage writes what later stages need under a name (`request.with_data(context=[...])`) and a
+later stage reads it back with a `DataKey`, which checks its type and says precisely what is
+missing or wrong. A new stage adds its own names; the envelope's schema does not change.
+docs/PROTOCOL.md lists the names the built-in stages use.
+"""
+
+from typing import Any, Generic, TypeVar
+
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+from shared.envelope import Envelope
+from shared.failure import Reject
+
+T = TypeVar("T")
+_MISSING: Any = object()
+
+
+class DataKey(Generic[T]):
+    """One name in `data` and the type of its value."""
+
+    def __init__(self, name: str, kind: Any, meaning: str = "") -> None:
+        self.name = name
+        self.meaning = meaning
+        self._adapter: TypeAdapter[T] = TypeAdapter(kind, config=ConfigDict(strict=True))
+
+    def read(self, envelope: Envelope, default: T = _MISSING) -> T:
+        """The value, checked against the type; Reject when it is missing (without a default)
+        or of another type: a request that lacks it cannot be handled by any retry."""
+        raw = envelope.data.get(self.name, _MISSING)
+        if raw is _MISSING:
+            if default is not _MISSING:
+                return default
+            raise Reject(f"data.{self.name} is missing ({self.meaning or 'no stage set it'})")
+        try:
+            return self._adapter.validate_python(raw)
+        except ValidationError as exc:
+            problem = exc.errors(include_url=False)[0]["msg"]
+            raise Reject(f"data.{self.name}: {problem}") from None
+
+    def write(self, envelope: Envelope, value: T) -> Envelope:
+        """A copy of `envelope` with this key set to `value` (checked against the type)."""
+        return envelope.with_data(**{self.name: self._adapter.validate_python(value)})
+
+
+CONTEXT: DataKey[list[str]] = DataKey(
+    "context", list[str], "passages retrieved for the input: set by the rag stage"
+)
+PROMPT: DataKey[str] = DataKey("prompt", str, "the prompt: set by the assemble stage")
+COMPLETION: DataKey[str] = DataKey(
+    "completion", str, "the model's answer: set by the inference stage"
+)
+OUTPUT: DataKey[str] = DataKey("output", str, "the answer, cleaned: set by the post stage")

@@ -1,0 +1,37 @@
+"""Tracing, the first middleware: a span per stage, child of the caller's W3C trace context.
+
+Only the OpenTelemetry API is used: with no SDK configured the span records nothing and the
+caller's context passes through unchanged. A message without trace headers skips all of
+this, so untraced traffic pays nothing.
+"""
+
+from opentelemetry import propagate, trace
+
+from shared.deadletter import TRACEPARENT
+from shared.middleware import Call, CallNext, Middleware, Output
+
+_tracer = trace.get_tracer("prompt-orchestrator")
+
+
+class Tracing(Middleware):
+    """Runs each traced call inside a span `<stage> process` and carries its context on."""
+
+    async def handle(self, call: Call, call_next: CallNext) -> Output:
+        """Open the span, make the call, put the span's context on the output's headers."""
+        if TRACEPARENT not in call.headers:
+            return await call_next(call)
+        parent = propagate.extract(call.headers)
+        with _tracer.start_as_current_span(
+            f"{call.stage} process",
+            context=parent,
+            kind=trace.SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "nats",
+                "messaging.destination.name": call.subject,
+                "orchestrator.request_id": call.request.request_id,
+                "orchestrator.instance": call.instance,
+            },
+        ):
+            output = await call_next(call)
+            propagate.inject(call.carry)
+        return output

@@ -1,0 +1,156 @@
+"""A connection to NATS with JetStream: the `Bus` everything above the transport is handed."""
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import nats
+import nats.errors
+from nats.aio.client import Client as NatsClient
+
+from shared.errors import NotConnected
+from shared.transport.admin import JetStreamAdmin
+from shared.transport.api import ConsumerSpec, StoredMessage
+from shared.transport.keyvalue import JetStreamKeyValue, open_bucket
+from shared.transport.publish import Publisher
+from shared.transport.pull import JetStreamPuller, open_puller
+from shared.transport.subscribe import CoreSubscription, watch
+
+log = logging.getLogger(__name__)
+
+
+class Bus:
+    """A NATS connection with JetStream, speaking the project's types (a `MessageBus`)."""
+
+    def __init__(self, nc: NatsClient, publish_timeout: float) -> None:
+        self._nc = nc
+        self._js = nc.jetstream(timeout=publish_timeout)
+        self._publisher = Publisher(nc, publish_timeout)
+        self.admin = JetStreamAdmin(nc.jsm())
+        """Declaring and inspecting streams and consumers."""
+        self.publish = self._publisher.publish
+        self.closing = False
+
+    @classmethod
+    async def connect(
+        cls, url: str, *, name: str, publish_timeout: float = 5.0, wait: float = 30.0
+    ) -> "Bus":
+        """Connect to `url`, retrying for up to `wait` seconds; reconnects forever afterwards."""
+        events = _ConnectionEvents(url)
+        try:
+            # With unlimited reconnects nats-py retries a failing first connect forever too,
+            # so the overall wait is bounded here.
+            nc = await asyncio.wait_for(
+                nats.connect(
+                    url,
+                    name=name,
+                    connect_timeout=2,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    error_cb=events.error,
+                    disconnected_cb=events.disconnected,
+                    reconnected_cb=events.reconnected,
+                ),
+                timeout=wait,
+            )
+        except (OSError, TimeoutError, nats.errors.Error) as exc:
+            cause = events.last_error or exc or "timed out"
+            raise NotConnected(f"cannot reach NATS at {url} within {wait:g}s: {cause}") from None
+        bus = cls(nc, publish_timeout)
+        events.bus = bus
+        try:
+            await bus._publisher.start()
+        except nats.errors.Error as exc:
+            await nc.close()
+            raise NotConnected(f"cannot subscribe at {url}: {exc!r}") from None
+        return bus
+
+    async def __aenter__(self) -> "Bus":
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @property
+    def connected_url(self) -> str:
+        """The URL of the server this connection is attached to."""
+        url = self._nc.connected_url
+        return url.geturl() if url else ""
+
+    async def close(self) -> None:
+        """Flush what is buffered and close the connection."""
+        if self._nc.is_closed:
+            await self._publisher.stop()
+            return
+        self.closing = True
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            await self._nc.flush(timeout=2)
+        await self._publisher.stop()
+        await self._nc.close()
+
+    async def increment(self, subject: str, by: int, *, msg_id: str) -> None:
+        """Add `by` to the counter on `subject` (a counter stream); once per `msg_id`."""
+        await self.publish(subject, b"", msg_id=msg_id, headers={"Nats-Incr": f"{by:+d}"})
+
+    async def pull(self, spec: ConsumerSpec, largest: int = 64) -> JetStreamPuller:
+        """A continuous pull from the durable consumer of `spec` (see JetStreamPuller)."""
+        return await open_puller(self._nc, spec, largest)
+
+    async def key_value(self, bucket: str, ttl: float, storage: str) -> JetStreamKeyValue:
+        """Create (or bind to) a key-value bucket whose entries expire `ttl` s after a put."""
+        return await open_bucket(self._js, bucket, ttl, storage)
+
+    async def subscribe(self, subject: str) -> CoreSubscription:
+        """Subscribe to `subject` with core NATS (no persistence; see `watch` for streams)."""
+        return await CoreSubscription.open(self._nc, subject)
+
+    def watch(self, subject: str) -> AsyncIterator[StoredMessage]:
+        """Every stored message on `subject`, from the start, then new ones as they come."""
+        return watch(self._nc, self._js, subject)
+
+
+_RETRY_LOG_EVERY = 10.0
+"""Seconds between log lines while (re)connecting fails: nats-py retries twice a second."""
+
+
+class _ConnectionEvents:
+    """Logs connection trouble, but not the disconnect that closing a connection causes.
+
+    A failing (re)connect is logged when it starts and then every _RETRY_LOG_EVERY seconds,
+    not once per attempt, so a one-shot command waiting 5 s logs one line before its error.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.bus: Bus | None = None
+        self.last_error: Exception | None = None
+        self._failing_since: float | None = None
+        self._logged_at = 0.0
+
+    async def error(self, exc: Exception) -> None:
+        self.last_error = exc
+        if self.bus is not None and self.bus.closing:
+            return
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        elif now - self._logged_at < _RETRY_LOG_EVERY:
+            return
+        self._logged_at = now
+        waited = now - self._failing_since
+        still = f"still failing after {waited:.0f}s: " if waited >= 1 else ""
+        if self.bus is None:
+            log.info("waiting for NATS at %s: %s%s", self.url, still, exc)
+        else:
+            log.warning("nats %s: %s%s", self.url, still, exc)
+
+    async def disconnected(self) -> None:
+        if not (self.bus and self.bus.closing):
+            log.warning("nats %s: disconnected; reconnecting", self.url)
+
+    async def reconnected(self) -> None:
+        self._failing_since = None
+        log.info("nats %s: reconnected", self.url)

@@ -1,0 +1,90 @@
+"""JetStream key-value buckets."""
+
+import nats.errors
+import nats.js.errors
+from nats.js import api
+from nats.js.client import JetStreamContext
+from nats.js.kv import KeyValue as NatsKeyValue
+
+from shared.errors import BusError
+
+
+async def open_bucket(
+    js: JetStreamContext, bucket: str, ttl: float, storage: str
+) -> "JetStreamKeyValue":
+    """Create (or bind to) a bucket whose entries expire `ttl` seconds after a put."""
+    config = api.KeyValueConfig(bucket=bucket, history=1, ttl=ttl, storage=api.StorageType(storage))
+    try:
+        try:
+            kv = await js.create_key_value(config=config)
+        except nats.js.errors.APIError:
+            kv = await js.key_value(bucket)  # exists with other limits: use it as it is
+    except nats.errors.Error as exc:
+        raise BusError(f"open bucket {bucket}: {exc!r}") from None
+    return JetStreamKeyValue(kv, bucket)
+
+
+class JetStreamKeyValue:
+    """A JetStream key-value bucket."""
+
+    def __init__(self, kv: NatsKeyValue, bucket: str) -> None:
+        self._kv = kv
+        self.bucket = bucket
+
+    def subject(self, key: str) -> str:
+        """The subject a put or delete of `key` is published on (wildcards allowed)."""
+        return f"$KV.{self.bucket}.{key}"
+
+    async def put(self, key: str, value: bytes) -> None:
+        """Store `value` under `key`."""
+        try:
+            await self._kv.put(key, value)
+        except nats.errors.Error as exc:
+            raise BusError(f"put {self.bucket}/{key}: {exc}") from None
+
+    async def create(self, key: str, value: bytes) -> bool:
+        """Store `value` under `key` unless the key holds a value already; True if stored."""
+        try:
+            await self._kv.create(key, value)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False
+        except nats.errors.Error as exc:
+            raise BusError(f"create {self.bucket}/{key}: {exc}") from None
+        return True
+
+    async def delete(self, key: str) -> None:
+        """Delete `key` (watchers see a delete marker)."""
+        try:
+            await self._kv.delete(key)
+        except nats.errors.Error as exc:
+            raise BusError(f"delete {self.bucket}/{key}: {exc}") from None
+
+    async def exists(self, key: str) -> bool:
+        """Whether `key` holds a live value."""
+        try:
+            entry = await self._kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return False
+        except nats.errors.Error as exc:
+            raise BusError(f"get {self.bucket}/{key}: {exc}") from None
+        return entry.value is not None
+
+    async def items(self, prefix: str) -> dict[str, bytes]:
+        """Every live key starting with `prefix`, with its value."""
+        try:
+            keys = await self._kv.keys()
+        except nats.js.errors.NoKeysError:
+            return {}
+        except nats.errors.Error as exc:
+            raise BusError(f"list {self.bucket}: {exc}") from None
+        out = {}
+        for key in (k for k in keys if k.startswith(prefix)):
+            try:
+                entry = await self._kv.get(key)
+            except nats.js.errors.KeyNotFoundError:
+                continue
+            except nats.errors.Error as exc:
+                raise BusError(f"get {self.bucket}/{key}: {exc}") from None
+            if entry.value is not None:
+                out[key] = entry.value
+        return out
