@@ -105,7 +105,10 @@ def locate(text: str, key: str) -> int | None:
     while path:
         if path in lines:
             return lines[path]
-        path = re.sub(r"(\[\d+\]|\.[^.\[]*)$", "", path)
+        shorter = re.sub(r"(\[\d+\]|\.[^.\[]*)$", "", path)
+        if shorter == path:
+            return None
+        path = shorter
     return None
 
 

@@ -22,7 +22,7 @@ class StagePlan:
 def plan_stage(settings: Settings, graph: Graph, name: str) -> StagePlan:
     """Find the factories of stage `name` and check their options; ConfigError if any fails."""
     stage = graph[name]
-    search = [settings.source.parent] if settings.source else []
+    search = [settings.source.resolve().parent] if settings.source else []
     problems: list[Problem] = []
     handler = None
     try:
