@@ -70,19 +70,23 @@ def test_up_publish_ask_result_round_trip(nats_server, tmp_path):
 
         assert run(["health"], env).returncode == 0
 
-        # The README's Python example, run as written.
+        # The README's Python scripts, run as written.
         readme = (ROOT / "README.md").read_text(encoding="utf-8")
-        example = next(
+        scripts = [
             block
             for block in re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL)
-            if "Client.connect" in block
-        )
-        ran = subprocess.run([sys.executable, "-c", example], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=60)  # fmt: skip
-        assert ran.returncode == 0, ran.stderr
-        lines = ran.stdout.splitlines()
-        assert lines[0].endswith("Question: What is JetStream? Answer:")
-        assert lines[1].endswith("Question: And consumers? Answer:")
+            if "asyncio.run(" in block
+        ]
+        outputs = []
+        for script in scripts:
+            ran = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
+                                 capture_output=True, text=True, timeout=60)  # fmt: skip
+            assert ran.returncode == 0, ran.stderr
+            outputs.append(ran.stdout.splitlines())
+        client, dlq = outputs  # the client, then the dead-letter operations
+        assert client[0].endswith("Question: What is JetStream? Answer:")
+        assert client[1].endswith("Question: And consumers? Answer:")
+        assert dlq == ["replayed 0 of 0"]  # nothing was dead-lettered here
     finally:
         up.send_signal(signal.SIGTERM)
         code = up.wait(60)
