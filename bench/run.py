@@ -1,7 +1,8 @@
 """Benchmark the pipeline against a raw nats-py five-hop baseline, in one run.
 
-    python -m bench.run            # full run (a few minutes)
-    python -m bench.run --quick    # ~20 s smoke run
+    python -m bench.run                       # full run (a few minutes)
+    python -m bench.run --quick               # ~20 s smoke run
+    python -m bench.run --compare b1f5640     # also the project as of that commit, alternating
 
 Each configuration gets a fresh nats-server (file storage, 127.0.0.1). Per configuration it
 measures: max throughput (N requests published as fast as the intake takes them, until all N
@@ -48,6 +49,30 @@ class Config:
     kind: str  # "project" | "project-up" | "raw" | "faststream"
     instances: int = 1
     env: dict[str, str] = field(default_factory=dict)
+    root: Path = ROOT
+    """The source tree the project's stages run from (another commit's, with --compare)."""
+
+
+def checkout(ref: str, workdir: Path) -> Path:
+    """The project's tree at `ref`, extracted under `workdir` (kept for later runs)."""
+    commit = subprocess.run(["git", "rev-parse", "--short", ref], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout.strip()  # fmt: skip
+    target = workdir / f"src-{commit}"
+    if not (target / "shared").is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", commit], cwd=ROOT, check=True,
+                                 capture_output=True).stdout  # fmt: skip
+        subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return target
+
+
+def capacity_env(root: Path, stages: tuple[str, ...], capacity: int) -> dict[str, str]:
+    """The variables that give every channel `capacity`, in the layout of the tree at `root`
+    (trees before the stage graph had one [channels.*] section per channel)."""
+    if (root / "shared" / "app").is_dir():
+        return {f"ORCH_STAGES__{s.upper()}__CAPACITY": str(capacity) for s in stages}
+    channels = ("intake", *stages[1:])
+    return {f"ORCH_CHANNELS__{c.upper()}__CAPACITY": str(capacity) for c in channels}
 
 
 @dataclass
@@ -94,8 +119,9 @@ class Deployment:
         url = self.server.url
         env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
         env.update({"ORCH_NATS_URL": url, "ORCH_LOG_LEVEL": "WARNING", **self.config.env})
-        for stage in STAGES:
-            env[f"ORCH_STAGES__{stage.upper()}__CAPACITY"] = str(self.capacity)
+        env.update(capacity_env(self.config.root, STAGES, self.capacity))
+        # The stages import the tree they run from, ahead of the installed one.
+        env["PYTHONPATH"] = os.pathsep.join([str(self.config.root), env.get("PYTHONPATH", "")])
         if self.config.kind in ("raw", "faststream"):
             await declare_raw(url, self.capacity, 512)
             module = "bench.raw_hop" if self.config.kind == "raw" else "bench.faststream_hop"
@@ -105,9 +131,10 @@ class Deployment:
             cmds = [("up", [sys.executable, "-m", "shared.app", "up"])]
         else:
             cmds = [(s, [sys.executable, "-m", f"services.{s}"]) for s in STAGES]
+        cwd = self.config.root if self.project else ROOT
         for _ in range(self.config.instances):
             for name, cmd in cmds:
-                proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL)
+                proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL)
                 self.procs.append((name, proc))
         await self._wait_ready()
 
@@ -341,6 +368,12 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         Config("project (5 processes)", "project"),
         Config("raw nats-py (5 processes)", "raw"),
     )
+    alternating = [raw, project]
+    before = None
+    if args.compare:
+        root = checkout(args.compare, workdir)
+        before = Config(f"project@{root.name[4:]} (5 processes)", "project", root=root)
+        alternating.append(before)
     results: list[Measurement] = []
 
     # Find the project's max first, then measure latency at fractions of it for both.
@@ -350,7 +383,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     print(f"project max ~{probe.throughput:.0f} req/s; latency rates {[round(r) for r in rates]}",
           file=sys.stderr)  # fmt: skip
     for r in range(rounds):
-        for config in (raw, project) if r % 2 == 0 else (project, raw):
+        for config in alternating if r % 2 == 0 else alternating[::-1]:
             m = await measure(config, n, rates, seconds, workdir)
             print(_table([m]).splitlines()[1], file=sys.stderr)
             results.append(m)
@@ -366,6 +399,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
 
     p, b = best(project.name), best(raw.name)
     ratios = {"throughput_vs_raw": round(p.throughput / b.throughput, 3)}
+    if before is not None:
+        ratios["throughput_vs_before"] = round(p.throughput / best(before.name).throughput, 3)
     fast = [m for m in results if m.config.startswith("FastStream")]
     if fast:
         ratios["throughput_vs_faststream"] = round(p.throughput / fast[0].throughput, 3)
@@ -425,6 +460,9 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/orch-bench", help="nats-server stores")
     parser.add_argument(
         "--no-faststream", action="store_true", help="skip FastStream even if installed"
+    )
+    parser.add_argument(
+        "--compare", metavar="REF", help="also run the project at this git commit, alternating"
     )
     args = parser.parse_args()
     report = asyncio.run(run(args))
