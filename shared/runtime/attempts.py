@@ -63,6 +63,9 @@ class AttemptLog:
         self._prefix = f"{stage.name}."
         self._kv: KeyValue | None = None
         self._prior: dict[int, tuple[Prior, str]] = {}
+        # Messages of this instance's consumer waiting for a retry, by stream sequence: their
+        # id and the attempts that failed so far, for when the consumer is recreated.
+        self._retrying: dict[int, tuple[str, int]] = {}
 
     async def open(self) -> None:
         """Create (or bind to) the bucket."""
@@ -111,15 +114,23 @@ class AttemptLog:
         except BusError as exc:  # the record expires by itself; a stale one only costs a lookup
             log.debug("could not delete attempt record %s: %s", seq, exc)
 
+    def retrying(self, seq: int, headers: Mapping[str, str], failures: int) -> None:
+        """Note that the message at `seq` failed `failures` attempts and waits for a retry."""
+        self._retrying[seq] = (headers.get(MSG_ID, ""), failures)
+
+    def done(self, seq: int) -> None:
+        """Forget what `retrying` noted of `seq`: it was acked or dead-lettered."""
+        self._retrying.pop(seq, None)
+
     async def record_unsettled(self, consumer: ConsumerView, *, under_way: bool) -> int:
         """Record each message `consumer` holds un-acked and has no record yet.
 
         `under_way`: the consumer's instance may have been handling them (it is dead), so
-        each counts as a loss; otherwise each counts as one failure (it waits for a retry).
-        Call before deleting the consumer; returns how many records were created.
+        each counts as a loss; otherwise each waits for a retry and counts the attempts this
+        instance saw fail (one, for a message it knows nothing of). Call before deleting the
+        consumer; returns how many records were created.
         """
         last, floor = consumer.state.delivered, consumer.state.ack_floor
-        failures = 0 if under_way else 1
         created = 0
         # On a work-queue stream every message still stored between the ack floor and the
         # last delivery, on the consumer's subjects, was delivered to it and not acked.
@@ -129,6 +140,7 @@ class AttemptLog:
                 msg = await self._bus.admin.message_at(self._stream, seq, subject)
                 if msg is None or msg.seq > last:
                     break
+                failures = 0 if under_way else self._failures(msg.seq, msg.headers)
                 record = _record(msg.headers, failures, 0, under_way)
                 if await self._store().create(self._key(msg.seq), record):
                     created += 1
@@ -136,6 +148,12 @@ class AttemptLog:
         if created:
             log.info("recorded %d unsettled messages of %s", created, consumer.name)
         return created
+
+    def _failures(self, seq: int, headers: Mapping[str, str]) -> int:
+        noted = self._retrying.pop(seq, None)
+        if noted is None or noted[0] != headers.get(MSG_ID, ""):
+            return 1
+        return noted[1]
 
     def _key(self, seq: int) -> str:
         return f"{self._prefix}{seq}"

@@ -97,7 +97,7 @@ class StageGroup:
             return
         _, pending = await asyncio.wait(self._tasks, timeout=self._drain_timeout)
         for task in pending:
-            log.warning("%s did not drain in %.0fs; its messages will be redelivered",
+            log.warning("%s did not drain in %gs; its messages will be redelivered",
                         task.get_name(), self._drain_timeout)  # fmt: skip
             task.cancel()
         if pending:  # let each hand its partitions over before the connection closes

@@ -304,6 +304,8 @@ class StageRuntime:
             output = await self._chain(call)
             to = await self._forward(request, output, received, call.carry)
             await delivery.ack()
+            if delivery.delivered > 1 and self._attempts is not None:
+                self._attempts.done(delivery.stream_seq)  # a retry that succeeded
             if self._observers:
                 self._notify(request, Outcome("forwarded", time.time() - received, to=to))
             return True
@@ -363,6 +365,8 @@ class StageRuntime:
                 log.debug("%s: retry in %.1fs after %r", self.instance, action.delay, exc)
                 if prior is not None and self._attempts is not None:
                     await self._close_record(delivery, prior, attempt)
+                elif self._attempts is not None:  # counted if the consumer is recreated
+                    self._attempts.retrying(delivery.stream_seq, delivery.headers, attempt)
                 await delivery.nak(delay=action.delay)
                 if self._observers:
                     outcome = Outcome("retried", time.time() - received, delay=action.delay,
@@ -429,6 +433,8 @@ class StageRuntime:
                 await asyncio.sleep(wait)
                 wait = min(wait * 2, 10.0)
         await delivery.ack()
+        if self._attempts is not None:
+            self._attempts.done(delivery.stream_seq)
         log.debug("%s: dead-lettered (%s): %s", self.instance, action.reason, action.error)
         return True
 

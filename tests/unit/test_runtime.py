@@ -315,6 +315,22 @@ async def test_a_handler_that_always_fails_is_dead_lettered_after_max_deliver_at
         assert await pipe.held("a") == 0  # gone: it cannot come back for a fourth attempt
 
 
+async def test_attempts_waiting_for_a_retry_keep_counting_across_a_restart(probe):
+    # A message waiting for its retry when its instance stops (or moves its partitions)
+    # comes back to a new consumer as a first delivery: its earlier attempts must count.
+    settings = settings_for(probe, {"a": {"max_deliver": 3, "backoff": [0.01, 0.3]}})
+    async with pipeline(settings) as pipe:
+        first = pipe.start()
+        await pipe.publish("fail")
+        await until(lambda: probe.count("fail") == 2)  # the second retry waits 0.3 s
+        await first.stop()
+        pipe.start()
+        await until(pipe.dead_letters)
+        [entry] = await pipe.dead_letters()
+        assert probe.count("fail") == 3
+        assert (entry.reason, entry.delivered) == ("failed", 3)
+
+
 async def test_an_undecodable_message_is_dead_lettered_as_invalid_byte_for_byte(probe):
     settings = settings_for(probe, {"a": {}})
     async with pipeline(settings) as pipe:
