@@ -40,8 +40,11 @@ class DataKey(Generic[T]):
             raise Reject(f"data.{self.name}: {problem}") from None
 
     def write(self, envelope: Envelope, value: T) -> Envelope:
-        """A copy of `envelope` with this key set to `value` (checked against the type)."""
-        return envelope.with_data(**{self.name: self._adapter.validate_python(value)})
+        """A copy of `envelope` with this key set to `value`.
+
+        Not checked here (readers check what they read): writing is on every stage's path.
+        """
+        return envelope.model_copy(update={"data": {**envelope.data, self.name: value}})
 
 
 CONTEXT: DataKey[list[str]] = DataKey(

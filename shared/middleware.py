@@ -25,7 +25,7 @@ it returns the middleware, an awaitable of it, or an async context manager yield
 """
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel
@@ -55,7 +55,7 @@ class Call:
     """The input message's headers (e.g. W3C trace context)."""
     received: float
     """Unix time the stage received the message."""
-    carry: dict[str, str] = field(default_factory=dict)
+    carry: dict[str, str] | None = None
     """Headers to put on the output message (how tracing passes its context on)."""
 
 
@@ -77,7 +77,11 @@ class Outcome:
 
 
 class Middleware:
-    """Base class of middleware: override `handle`, `settled` or both."""
+    """Base class of middleware: override `handle`, `settled` or both.
+
+    `handle` is usually an `async def`; a plain `def` that returns an awaitable works too
+    (tracing does that, so that a call it has nothing to do for costs no coroutine).
+    """
 
     async def handle(self, call: Call, call_next: CallNext) -> Output:
         """Wrap one handler call; the default just makes it."""
@@ -106,8 +110,8 @@ def compose(
     per call.
     """
 
-    async def innermost(call: Call) -> Output:
-        return await handler(call.request)
+    def innermost(call: Call) -> Awaitable[Output]:
+        return handler(call.request)  # the handler's own coroutine: no frame of our own
 
     call_next: CallNext = innermost
     for mw in reversed(chain):

@@ -65,6 +65,9 @@ class StageRuntime:
         self._settings = settings
         self._stream = topology.stream_name(self.stage.channel)
         self._cfg = self.stage.decl
+        graph = topology.graph
+        self._channels = {name: graph[name].channel for name in self.stage.route.targets}
+        """The channel of each stage this one's output may go to."""
         self._max_bytes = settings.max_message_bytes
         self._stopping = asyncio.Event()
         self._inflight: dict[Delivery, float] = {}
@@ -313,7 +316,7 @@ class StageRuntime:
             return await self._settle_failure(delivery, request, exc, attempt, prior, received)
 
     async def _forward(
-        self, request: Envelope, output: object, received: float, headers: dict[str, str]
+        self, request: Envelope, output: object, received: float, headers: dict[str, str] | None
     ) -> str | None:
         """Publish the handler's output where it goes; return the next stage (None: result)."""
         if isinstance(output, Envelope):
@@ -336,9 +339,12 @@ class StageRuntime:
             payload = encode(output)
         except TypeError as exc:  # a value in `data` that JSON cannot carry
             raise Reject(f"{self.name} output cannot be encoded as JSON: {exc}") from None
-        subject = self._topology.output_subject(to, request.session_id, request.request_id)
+        if to is None:
+            subject = self._topology.result_subject(request.request_id)
+        else:
+            subject = self._topology.subject_for(self._channels[to], request.session_id)
         await self._bus.publish(subject, payload, msg_id=f"{request.request_id}:{self.name}",
-                                headers=headers or None)  # fmt: skip
+                                headers=headers)  # fmt: skip
         return to
 
     def _notify(self, request: Envelope | None, outcome: Outcome) -> None:

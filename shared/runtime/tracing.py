@@ -5,6 +5,8 @@ caller's context passes through unchanged. A message without trace headers skips
 this, so untraced traffic pays nothing.
 """
 
+from collections.abc import Awaitable
+
 from opentelemetry import propagate, trace
 
 from shared.deadletter import TRACEPARENT
@@ -16,10 +18,13 @@ _tracer = trace.get_tracer("prompt-orchestrator")
 class Tracing(Middleware):
     """Runs each traced call inside a span `<stage> process` and carries its context on."""
 
-    async def handle(self, call: Call, call_next: CallNext) -> Output:
+    def handle(self, call: Call, call_next: CallNext) -> Awaitable[Output]:  # type: ignore[override]
         """Open the span, make the call, put the span's context on the output's headers."""
         if TRACEPARENT not in call.headers:
-            return await call_next(call)
+            return call_next(call)  # the untraced call, as it is: no coroutine of ours
+        return self._traced(call, call_next)
+
+    async def _traced(self, call: Call, call_next: CallNext) -> Output:
         parent = propagate.extract(call.headers)
         with _tracer.start_as_current_span(
             f"{call.stage} process",
@@ -33,5 +38,7 @@ class Tracing(Middleware):
             },
         ):
             output = await call_next(call)
-            propagate.inject(call.carry)
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)
+            call.carry = {**(call.carry or {}), **carrier}
         return output
