@@ -1,21 +1,47 @@
-"""post: clean the model's completion into the answer (`data.output`)."""
+"""post: the model's completion as the answer (`data.output`), its formatting kept.
+
+Special tokens a model may leave in its text (`<|im_end|>`, `<end_of_turn>`, `</s>`, ...) and
+control characters other than tabs and line breaks are removed, and the text is trimmed at
+both ends. Nothing else changes: lists, code blocks and blank lines arrive as the model wrote
+them.
+"""
+
+import re
+
+from pydantic import BaseModel, ConfigDict
 
 from shared.data import COMPLETION, OUTPUT
 from shared.envelope import Envelope
-from shared.stage import Handler, NoOptions, StageContext, stage
+from shared.stage import Handler, StageContext, stage
+
+SPECIAL_TOKENS = [
+    "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>",
+    "<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>", "<s>", "</s>", "<pad>",
+]  # fmt: skip
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
-def clean(text: str) -> str:
-    """Drop control characters and collapse runs of whitespace."""
-    text = "".join(ch if ch.isprintable() or ch.isspace() else " " for ch in text)
-    return " ".join(text.split())
+class Options(BaseModel):
+    """`[stages.post.options]`."""
+
+    model_config = ConfigDict(extra="forbid")
+    special_tokens: list[str] = SPECIAL_TOKENS
+    """Removed wherever they appear in the completion."""
 
 
-@stage(options=NoOptions)
-def post(ctx: StageContext[NoOptions]) -> Handler:
-    """No options yet."""
+def clean(text: str, special_tokens: list[str] = SPECIAL_TOKENS) -> str:
+    """Remove special tokens and control characters (not tabs or line breaks); trim."""
+    for token in special_tokens:
+        text = text.replace(token, "")
+    return _CONTROL.sub("", text).strip()
+
+
+@stage(options=Options)
+def post(ctx: StageContext[Options]) -> Handler:
+    """Clean each completion with the configured special tokens."""
+    special = ctx.options.special_tokens
 
     async def handle(request: Envelope) -> Envelope:
-        return OUTPUT.write(request, clean(COMPLETION.read(request)))
+        return OUTPUT.write(request, clean(COMPLETION.read(request), special))
 
     return handle

@@ -173,4 +173,4 @@ async def test_a_consumer_deleted_from_outside_is_recreated(nats_server, mesh):
         result = await client.ask("still there?", "s", timeout=30)
     finally:
         await client.close()
-    assert result.output.endswith("Question: still there? Answer:")
+    assert result.output.endswith("Question: still there?\nAnswer:")

@@ -164,7 +164,7 @@ async def test_poison_is_dead_lettered_after_max_deliver_then_replayed(nats_serv
     try:
         for rid in poisoned:
             result = await client.result(rid, timeout=30)
-            assert result.output.endswith(f"Question: {ids[rid]} Answer:")
+            assert result.output.endswith(f"Question: {ids[rid]}\nAnswer:")
     finally:
         await client.close()
     status = await wait_quiet(nats_server.url, settings)
@@ -393,7 +393,7 @@ async def test_input_at_the_servers_size_limit_is_dead_lettered_and_the_stage_li
         result = await client.result(rid, timeout=30)  # the stage's connection survived
     finally:
         await client.close()
-    assert result.output.endswith("Question: still alive? Answer:")
+    assert result.output.endswith("Question: still alive?\nAnswer:")
     await wait_quiet(nats_server.url, settings)
     [entry] = await dead_letters(nats_server.url, settings)
     assert (entry.reason, entry.stage) == ("invalid", "rag")

@@ -286,7 +286,7 @@ async def run_scenario(url, items):
         assert e.failed_at > 0, what
     for (session, text), result in zip(valid, results, strict=True):
         assert result.session_id == session
-        assert result.output.endswith(f"Question: {text} Answer:")
+        assert result.output.endswith(f"Question: {text}\nAnswer:")
         assert [hop.stage for hop in result.hops] == STAGE_NAMES
 
 

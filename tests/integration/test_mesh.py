@@ -69,7 +69,7 @@ async def check_exactly_once(url, settings, sent, timeout):
         result = seen[rid][0]
         assert result.session_id == session
         assert result.output == expected_output(settings, text, session)
-        assert result.output.endswith(f"Question: {text} Answer:")
+        assert result.output.endswith(f"Question: {text}\nAnswer:")
         assert [hop.stage for hop in result.hops] == STAGE_NAMES
     return seen
 

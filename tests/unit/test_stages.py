@@ -52,8 +52,8 @@ async def test_full_chain_in_memory(settings):
             assert isinstance(env, Envelope)
             env = await handle(env)
     assert isinstance(env, Result)
-    assert env.output.startswith("Context: - JetStream adds persistence to NATS")
-    assert env.output.endswith("Question: What is JetStream? Answer:")
+    assert env.output.startswith("Context:\n- JetStream adds persistence to NATS")
+    assert env.output.endswith("Question: What is JetStream?\nAnswer:")
 
 
 async def test_each_stage_hands_on_by_name_in_data(settings):
@@ -68,7 +68,7 @@ async def test_each_stage_hands_on_by_name_in_data(settings):
     assert COMPLETION.read(env) == PROMPT.read(env)  # the echo worker
     async with handler_of(settings, "post") as post:
         env = await post(env)
-    assert "\n" not in OUTPUT.read(env)
+    assert OUTPUT.read(env) == COMPLETION.read(env).strip()
 
 
 async def test_rag_with_corpus_file(tmp_path, settings):
@@ -107,10 +107,16 @@ def test_render_uses_template_and_keeps_braces_in_input():
     assert render("{context}", request()) == "(none)"
 
 
-def test_clean_normalises_whitespace_and_control_characters():
+def test_post_keeps_a_multi_line_answer_with_a_code_block_byte_for_byte():
     from services.post.stage import clean
 
-    assert clean("Hello  world\n\x00!  ") == "Hello world !"
+    answer = (
+        "Here is how:\n\n1. Connect.\n2. Publish:\n\n```python\nasync def main():\n"
+        '    await nc.publish("a.b", b"hi")  # two  spaces\n\tpass\n```\n\nDone.'
+    )
+    assert clean(f"  \n{answer}\n\n  ") == answer  # trimmed, nothing else
+    assert clean(f"{answer}<end_of_turn><eos>") == answer  # special tokens removed
+    assert clean("a\x00b\x07c\r\nd") == "abc\r\nd"  # control characters, not line breaks
 
 
 async def test_echo_worker_streams_words():
