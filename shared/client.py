@@ -3,9 +3,13 @@
 Any NATS client can do the same by following docs/PROTOCOL.md; this is the reference.
 """
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
 
+import orjson
 from opentelemetry import propagate
 
 from shared.envelope import MetaValue, Request, Result, decode, encode, new_request
@@ -16,6 +20,17 @@ from shared.transport.api import MessageBus
 from shared.transport.connection import Bus
 
 _RESULT_MAX_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of an answer as it is generated."""
+
+    text: str
+    restart: bool = False
+    """The text before this is void: the answer starts over (a retry, or a stand-in model)."""
+
+
 _RECHECK = 2.0  # seconds between looks at the results stream while waiting (covers reconnects)
 
 
@@ -47,15 +62,16 @@ class Client:
         metadata: dict[str, MetaValue] | None = None,
         request_id: str | None = None,
         deadline: float | None = None,
+        stream: bool = False,
     ) -> str:
         """Submit a request and return its id once the intake stream has stored it.
 
         Raises Overloaded when the intake is full and InvalidMessage for a malformed request.
-        Publishing the same `request_id` again within the duplicate window is a no-op.
+        Publishing the same `request_id` again within the duplicate window is a no-op. With
+        `stream`, the answer's tokens are published as they are generated (`follow`).
         """
-        envelope = new_request(
-            text, session_id, metadata=metadata, request_id=request_id, deadline=deadline
-        )
+        envelope = new_request(text, session_id, metadata=metadata, request_id=request_id,
+                               deadline=deadline, stream=stream)  # fmt: skip
         return await self.publish_request(envelope)
 
     async def publish_request(self, envelope: Request) -> str:
@@ -86,6 +102,72 @@ class Client:
             text, session_id, metadata=metadata, request_id=request_id, deadline=deadline
         )
         return await self._await_result(envelope.request_id, timeout, envelope)
+
+    async def ask_stream(
+        self,
+        text: str,
+        session_id: str,
+        *,
+        timeout: float = 30.0,
+        metadata: dict[str, MetaValue] | None = None,
+        request_id: str | None = None,
+        deadline: float | None = None,
+    ) -> AsyncIterator[Chunk | Result]:
+        """Submit a request that asks for its tokens, and follow it: the answer's pieces as
+        they are generated, then the result (see `follow`)."""
+        envelope = new_request(text, session_id, metadata=metadata, request_id=request_id,
+                               deadline=deadline, stream=True)  # fmt: skip
+        await self.publish_request(envelope)
+        async for item in self.follow(envelope.request_id, timeout=timeout):
+            yield item
+
+    async def follow(self, request_id: str, timeout: float = 30.0) -> AsyncIterator[Chunk | Result]:
+        """The answer of `request_id` as it is generated, from its first token however late
+        this starts, then its result; ResultTimeout when no result came within `timeout`.
+
+        A Chunk with `restart` set means the text before it is void (the answer starts
+        over). A request that did not ask for its tokens, or whose tokens have expired,
+        gives its whole answer as one Chunk when its result is there.
+        """
+        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+        async def tokens() -> None:
+            async for msg in self.bus.watch(self.topology.token_subject(request_id)):
+                await events.put(("token", orjson.loads(msg.data)))
+
+        async def result() -> None:
+            try:
+                await events.put(("result", await self.result(request_id, timeout)))
+            except ResultTimeout as exc:
+                await events.put(("timeout", exc))
+
+        tasks = [asyncio.create_task(tokens()), asyncio.create_task(result())]
+        try:
+            generation, told, done = -1, False, False
+            while True:
+                kind, item = await events.get()
+                if kind == "timeout":
+                    raise item
+                if kind == "result":
+                    if not told:
+                        yield Chunk(item.output)
+                    yield item
+                    return
+                if done or item.get("generation", 0) < generation:
+                    continue
+                if item["generation"] > generation:
+                    if told:
+                        yield Chunk("", restart=True)
+                    generation = item["generation"]
+                if item.get("done"):
+                    done = True
+                elif item.get("text"):
+                    told = True
+                    yield Chunk(item["text"])
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def result(self, request_id: str, timeout: float = 30.0) -> Result:
         """The result of `request_id`: at once if stored, else when it arrives, or ResultTimeout."""

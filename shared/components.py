@@ -38,6 +38,11 @@ class Context(Generic[OptionsT]):
     """This instance's id (unique across hosts and restarts)."""
     options: OptionsT
     """The `options` table, checked against the factory's options model (else a dict)."""
+    subject_prefix: str = "orch"
+    """The pipeline's subject prefix (for what names subjects of its own)."""
+    requester: Any = None
+    """The stage's connection, for workers that ask services over NATS (the remote worker):
+    `request_stream(subject, data)`. A handler never publishes its output itself."""
 
 
 class Factory:

@@ -6,11 +6,12 @@ missing or wrong. A new stage adds its own names; the envelope's schema does not
 docs/PROTOCOL.md lists the names the built-in stages use.
 """
 
+from collections.abc import Mapping
 from typing import Any, Generic, TypeVar
 
-from pydantic import ConfigDict, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
-from shared.envelope import Envelope
+from shared.envelope import Envelope, Usage
 from shared.failure import Reject
 
 T = TypeVar("T")
@@ -23,7 +24,10 @@ class DataKey(Generic[T]):
     def __init__(self, name: str, kind: Any, meaning: str = "") -> None:
         self.name = name
         self.meaning = meaning
-        self._adapter: TypeAdapter[T] = TypeAdapter(kind, config=ConfigDict(strict=True))
+        # A model brings its own (strict) config; anything else is checked strictly here.
+        model = isinstance(kind, type) and issubclass(kind, BaseModel)
+        config = None if model else ConfigDict(strict=True)
+        self._adapter: TypeAdapter[T] = TypeAdapter(kind, config=config)
 
     def read(self, envelope: Envelope, default: T = _MISSING) -> T:
         """The value, checked against the type; Reject when it is missing (without a default)
@@ -44,7 +48,17 @@ class DataKey(Generic[T]):
 
         Not checked here (readers check what they read): writing is on every stage's path.
         """
-        return envelope.model_copy(update={"data": {**envelope.data, self.name: value}})
+        return envelope.model_copy(update={"data": {**envelope.data, self.name: _stored(value)}})
+
+
+def write_all(envelope: Envelope, values: "Mapping[DataKey[Any], Any]") -> Envelope:
+    """A copy of `envelope` with every key of `values` set: one copy however many keys."""
+    data = {**envelope.data, **{key.name: _stored(value) for key, value in values.items()}}
+    return envelope.model_copy(update={"data": data})
+
+
+def _stored(value: Any) -> Any:
+    return value.model_dump() if isinstance(value, BaseModel) else value
 
 
 CONTEXT: DataKey[list[str]] = DataKey(
@@ -55,3 +69,6 @@ COMPLETION: DataKey[str] = DataKey(
     "completion", str, "the model's answer: set by the inference stage"
 )
 OUTPUT: DataKey[str] = DataKey("output", str, "the answer, cleaned: set by the post stage")
+USAGE: DataKey[Usage] = DataKey(
+    "usage", Usage, "which model answered, and what it took: set by the inference stage"
+)

@@ -49,6 +49,8 @@ class Request(_Wire):
     metadata: Metadata = Field(default_factory=dict)
     created_at: float
     deadline: float | None = None
+    stream: bool = False
+    """Publish the answer's tokens as they are generated, to `<prefix>.tokens.<request_id>`."""
 
 
 class Envelope(Request):
@@ -68,6 +70,23 @@ class Envelope(Request):
         return self.model_copy(update={"data": data})
 
 
+class Usage(_Wire):
+    """Which model answered a request, and what it took."""
+
+    model: str
+    """The model as the backend named it."""
+    pool: str | None = None
+    """The configured model (pool) that answered."""
+    fallback: bool = False
+    """Whether it answered because the one chosen first failed."""
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    ttft_ms: float | None = None
+    """Milliseconds from the call to the model until its first token."""
+    tokens_per_second: float | None = None
+    """Completion tokens per second after the first one."""
+
+
 class Result(_Wire):
     """The final answer to a request, as stored in the results stream."""
 
@@ -79,6 +98,8 @@ class Result(_Wire):
     created_at: float
     completed_at: float
     hops: list[Hop] = Field(default_factory=list)
+    usage: Usage | None = None
+    """Set when a model answered (the inference stage records it)."""
 
 
 def new_request_id() -> str:
@@ -93,6 +114,7 @@ def new_request(
     metadata: dict[str, MetaValue] | None = None,
     request_id: str | None = None,
     deadline: float | None = None,
+    stream: bool = False,
 ) -> Request:
     """Build a validated request, generating the request id when none is given."""
     try:
@@ -103,14 +125,25 @@ def new_request(
             metadata=metadata or {},
             created_at=time.time(),
             deadline=deadline,
+            stream=stream,
         )
     except ValidationError as exc:
         raise InvalidMessage(describe_validation_error(exc)) from None
 
 
+ADDED_FIELDS = {"stream": False}
+"""Fields added to version 1 after its first release, with their defaults. While a field holds
+its default it is left out of the JSON, so stages of an earlier release (which refuse unknown
+fields) still accept the message: mixed versions work during a rolling upgrade."""
+
+
 def encode(model: BaseModel) -> bytes:
     """Serialise a wire model to compact JSON bytes."""
-    return orjson.dumps(model.model_dump())
+    fields = model.model_dump()
+    for key, default in ADDED_FIELDS.items():
+        if key in fields and fields[key] == default:
+            del fields[key]
+    return orjson.dumps(fields)
 
 
 def decode(data: bytes, model: type[M], max_bytes: int) -> M:

@@ -21,7 +21,7 @@ from shared.settings import Settings, StageDecl
 
 INTAKE = "intake"
 """The entry stage's input channel: where clients publish requests."""
-RESERVED = frozenset({"results", "dlq", "counters"})
+RESERVED = frozenset({"results", "dlq", "counters", "tokens"})
 """Channel names the pipeline uses for itself."""
 STAGE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 REQUEST_FIELDS = ("session_id", "request_id", "input")

@@ -101,18 +101,12 @@ def middleware(
     return declare("middleware", options)
 
 
-def compose(
-    chain: Sequence[Middleware], handler: Callable[[Envelope], Awaitable[Output]]
-) -> CallNext:
-    """The call that runs `chain` (outermost first) around `handler`.
+def compose(chain: Sequence[Middleware], innermost: CallNext) -> CallNext:
+    """The call that runs `chain` (outermost first) around `innermost`, the handler's call.
 
     A middleware that does not override `handle` is left out of the chain: it costs nothing
     per call.
     """
-
-    def innermost(call: Call) -> Awaitable[Output]:
-        return handler(call.request)  # the handler's own coroutine: no frame of our own
-
     call_next: CallNext = innermost
     for mw in reversed(chain):
         if type(mw).handle is not Middleware.handle:

@@ -117,6 +117,18 @@ class ResultsSettings(_Section):
     max_bytes: int = Field(default=1024 * 1024 * 1024, ge=1024)
 
 
+class TokensSettings(_Section):
+    """The token stream: answers' tokens as they are generated, for requests that ask."""
+
+    max_age: float = Field(default=600.0, gt=0)
+    """Seconds tokens are kept: long enough to follow an answer; the result keeps it after."""
+    max_msgs: int = Field(default=1_000_000, ge=1)
+    max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    window: float = Field(default=0.05, ge=0)
+    """Tokens arriving within this many seconds of a message go out together in the next;
+    the first goes out at once."""
+
+
 class AffinitySettings(_Section):
     """Membership of stage instances, which divide a stage's partitions among themselves."""
 
@@ -173,6 +185,7 @@ class Settings(BaseSettings):
     stages: dict[str, StageDecl] = Field(default_factory=dict)
     middleware: list[MiddlewareDecl] = Field(default_factory=list)
     results: ResultsSettings = ResultsSettings()
+    tokens: TokensSettings = TokensSettings()
     dead_letter: DeadLetterSettings = DeadLetterSettings()
     affinity: AffinitySettings = AffinitySettings()
 

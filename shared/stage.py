@@ -30,7 +30,8 @@ as a dict.
         return handle
 """
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -42,10 +43,28 @@ from shared.failure import Reject
 Handler = Callable[[Envelope], Awaitable[Envelope | Result]]
 """An async function turning an input envelope into the next stage's envelope (or the result)."""
 
+
+@dataclass(frozen=True, slots=True)
+class Partial:
+    """A piece of the answer, for the client to see before the result."""
+
+    text: str
+    restart: bool = False
+    """The pieces before are void: the answer starts over (a stand-in model took over)."""
+
+
+StreamingHandler = Callable[[Envelope], AsyncIterator[Partial | Envelope | Result]]
+"""A handler written as an async generator: it yields `Partial` pieces of the answer as it goes
+(the runtime publishes them to the request's token stream when the request asked for it) and
+last its output."""
+
+
 StageContext = Context
 """What a stage factory is called with: the stage's name, the instance id and its options."""
 
-__all__ = ["Handler", "NoOptions", "Reject", "StageContext", "stage"]
+__all__ = [
+    "Handler", "NoOptions", "Partial", "Reject", "StageContext", "StreamingHandler", "stage",
+]  # fmt: skip
 
 
 class NoOptions(BaseModel):

@@ -18,6 +18,7 @@ from shared.transport.api import ConsumerSpec, StreamSpec
 RESULTS = "results"
 DLQ = "dlq"
 COUNTERS = "counters"
+TOKENS = "tokens"
 
 
 class Topology:
@@ -112,6 +113,16 @@ class Topology:
         return self._stream(RESULTS, f"{self.prefix}.{RESULTS}.*", "limits", "old",
                             r.max_msgs, r.max_bytes, r.max_age, max_msgs_per_subject=1)  # fmt: skip
 
+    def token_subject(self, request_id: str) -> str:
+        """Where the tokens of `request_id`'s answer are published as they are generated."""
+        return f"{self.prefix}.{TOKENS}.{request_id}"
+
+    def tokens_stream(self) -> StreamSpec:
+        """The token stream: limits retention, kept for a short while, oldest dropped first."""
+        t = self.settings.tokens
+        return self._stream(TOKENS, f"{self.prefix}.{TOKENS}.*", "limits", "old",
+                            t.max_msgs, t.max_bytes, t.max_age)  # fmt: skip
+
     def dlq_subject(self, stage: str = "*", reason: str = "*") -> str:
         """Where `stage` puts what it cannot process for `reason` (wildcards by default)."""
         return f"{self.prefix}.{DLQ}.{stage}.{reason}"
@@ -135,7 +146,8 @@ class Topology:
     def streams(self) -> list[StreamSpec]:
         """Every stream the pipeline needs."""
         channels = [self.channel_stream(c) for c in self.channel_names()]
-        return [*channels, self.results_stream(), self.dlq_stream(), self.counters_stream()]
+        return [*channels, self.results_stream(), self.tokens_stream(), self.dlq_stream(),
+                self.counters_stream()]  # fmt: skip
 
     def consumer_name(self, stage: str, instance: str) -> str:
         """The durable consumer of one instance of `stage`."""

@@ -1,40 +1,104 @@
-"""inference: run the prompt through the model worker (`data.completion`)."""
+"""inference: the prompt's completion from a model (`data.completion`, `data.usage`)."""
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, model_validator
 
-from shared.data import COMPLETION, PROMPT
-from shared.envelope import Envelope
-from shared.stage import Handler, StageContext, stage
-from shared.workers import EchoOptions, load_worker
+from shared.data import COMPLETION, PROMPT, USAGE, write_all
+from shared.envelope import Envelope, Usage
+from shared.stage import Partial, StageContext, StreamingHandler, stage
+from shared.workers.models import DEFAULT, Answered, ModelOptions, ModelRoute, ModelRouter
+from shared.workers.remote import Requester
 
 
-class Options(BaseModel):
-    """`[stages.inference.options]`: which model worker, and its settings."""
+class Options(ModelOptions):
+    """`[stages.inference.options]`: the default model (its `worker` and that worker's
+    settings), more models by name, and how a request's model is chosen."""
 
-    model_config = ConfigDict(extra="forbid")
-    worker: str = Field(default="echo", min_length=1)
-    """A built-in worker ("echo") or `package.module:factory` for your own."""
-    echo: EchoOptions = EchoOptions()
-    """Settings of the echo worker."""
-    custom: dict[str, object] = Field(default_factory=dict)
-    """Passed to your own worker's factory as they are."""
+    models: dict[str, ModelOptions] = Field(default_factory=dict)
+    """More models by name: `[stages.inference.options.models.<name>]`."""
+    routes: list[ModelRoute] = Field(default_factory=list)
+    """Rules choosing a model, tried in order (a request's `metadata.model` comes first)."""
+
+    @model_validator(mode="after")
+    def _names_are_known(self) -> "Options":
+        if DEFAULT in self.models:
+            raise ValueError(f"models.{DEFAULT}: the options themselves describe that model")
+        known = {DEFAULT, *self.models}
+        named = [*self.fallback, *(m for o in self.models.values() for m in o.fallback)]
+        named += [route.model for route in self.routes]
+        unknown = sorted(set(named) - known)
+        if unknown:
+            raise ValueError(f"no model named {unknown} (models: {sorted(known)})")
+        return self
+
+    def router(self, requester: Requester | None = None, prefix: str = "orch") -> ModelRouter:
+        """A router over a worker for every model (remote ones ask over `requester`)."""
+        own = ModelOptions.model_validate(self.model_dump(include=set(ModelOptions.model_fields)))
+        models = {DEFAULT: own, **self.models}
+        return ModelRouter(
+            {name: options.build(requester, prefix) for name, options in models.items()},
+            {name: options.fallback for name, options in models.items()},
+            self.routes,
+        )
+
+
+async def generate(router: ModelRouter, request: Envelope) -> AsyncIterator[Partial | Envelope]:
+    """The answer to the request's prompt by the model chosen for it, piece by piece as it is
+    generated, then the request with its completion and usage."""
+    prompt = PROMPT.read(request)
+    started, first = time.monotonic(), None
+    pieces: list[str] = []
+    async for item in router.stream(request, prompt):
+        if isinstance(item, str):
+            if first is None:
+                first = time.monotonic()
+            pieces.append(item)
+            yield Partial(item)
+        elif isinstance(item, Answered):
+            answered = item
+        else:  # RESTART: a stand-in starts the answer over
+            pieces, started, first = [], time.monotonic(), None
+            yield Partial("", restart=True)
+    yield write_all(request, {COMPLETION: "".join(pieces), USAGE: _usage(answered, started, first)})
+
+
+def _usage(answered: Answered, started: float, first: float | None) -> Usage:
+    ended = time.monotonic()
+    fields = {**answered.usage.__dict__, "pool": answered.pool, "fallback": answered.fallback}
+    if first is not None:
+        fields["ttft_ms"] = round((first - started) * 1000, 3)
+        tokens = answered.usage.completion_tokens
+        if tokens and tokens > 1 and ended > first:
+            fields["tokens_per_second"] = round((tokens - 1) / (ended - first), 2)
+    # Every value is the worker's validated usage or computed here: no second validation.
+    return Usage.model_construct(**fields)
+
+
+async def complete(router: ModelRouter, request: Envelope) -> Envelope:
+    """The request with the whole completion of its prompt and its usage (no pieces)."""
+    async for item in generate(router, request):
+        if isinstance(item, Envelope):
+            return item
+    raise AssertionError("generate yields the envelope last")
 
 
 @stage(options=Options)
 @asynccontextmanager
-async def inference(ctx: StageContext[Options]) -> AsyncIterator[Handler]:
-    """Start the worker once per stage instance; close it after the drain."""
-    worker = load_worker(ctx.options.worker, echo=ctx.options.echo, custom=ctx.options.custom)
-
-    async def handle(request: Envelope) -> Envelope:
-        prompt = PROMPT.read(request)
-        tokens = [t async for t in worker.stream(prompt, session_id=request.session_id)]
-        return COMPLETION.write(request, "".join(tokens))
+async def inference(ctx: StageContext[Options]) -> AsyncIterator[StreamingHandler]:
+    """Start every model's worker once per stage instance (a local model loads before the
+    first request); close them after the drain."""
+    router = ctx.options.router(ctx.requester, ctx.subject_prefix)
+    try:
+        await router.start()
+    except BaseException:
+        await router.aclose()
+        raise
 
     try:
-        yield handle
+        yield partial(generate, router)
     finally:
-        await worker.aclose()
+        await router.aclose()

@@ -2,7 +2,7 @@
 
 import time
 
-from shared.data import OUTPUT
+from shared.data import OUTPUT, USAGE
 from shared.envelope import Envelope, Result
 from shared.stage import Handler, NoOptions, StageContext, stage
 
@@ -20,6 +20,7 @@ def stream(ctx: StageContext[NoOptions]) -> Handler:
             created_at=request.created_at,
             completed_at=time.time(),
             hops=list(request.hops),
+            usage=USAGE.read(request, None),
         )
 
     return handle

@@ -19,6 +19,7 @@ from shared.app.compose import add_compose_command, run_compose
 from shared.app.load import load
 from shared.app.process import configure_logging, install_event_loop_policy
 from shared.app.validate import add_validate_command, run_validate
+from shared.app.workerd import add_worker_command, run_worker
 from shared.errors import OrchestratorError
 
 DESCRIPTION = """\
@@ -47,11 +48,20 @@ def _parser() -> argparse.ArgumentParser:
         "run the whole pipeline once with sample requests",
         "Run every stage of the pipeline in this process, send N sample requests through "
         "them, print each answer and a per-stage latency table (queue wait and handling time, "
-        "p50/p99), then drain and stop. With no NATS URL configured it starts an embedded "
-        "nats-server on a free 127.0.0.1 port with a temporary store, removed afterwards.",
+        "p50/p99), then drain and stop. The answers come from a real model (Gemma 3 270M, run "
+        "here by llama.cpp) unless --worker echo. With no NATS URL configured it starts an "
+        "embedded nats-server on a free 127.0.0.1 port with a temporary store, removed "
+        "afterwards.",
     )
     demo.add_argument(
         "--requests", type=positive_int, default=10, help="how many requests (default 10)"
+    )
+    demo.add_argument(
+        "--worker",
+        choices=["local", "echo"],
+        default="local",
+        help="who answers: a real model run here by llama.cpp (the `local` extra; default), "
+        "or echo, which answers with the prompt",
     )
 
     up = command(
@@ -140,6 +150,11 @@ def _parser() -> argparse.ArgumentParser:
                 "--timeout", type=positive_float, default=30.0, help="seconds to wait (default 30)"
             )
             cmd.add_argument("--json", action="store_true", help="print the whole result as JSON")
+            cmd.add_argument(
+                "--stream",
+                action="store_true",
+                help="print the answer's tokens as the model generates them",
+            )
 
     result = command(
         sub,
@@ -169,6 +184,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     operate.add_commands(sub)
+    add_worker_command(sub)
     return p
 
 
@@ -184,6 +200,7 @@ COMMANDS: dict[str, commands.Command] = {
     "health": commands.health,
     "status": operate.with_bus,
     "dlq": operate.with_bus,
+    "worker": run_worker,
 }
 WITHOUT_SETTINGS = {"validate": run_validate, "compose": run_compose}
 """Commands that load the pipeline file themselves, to report on it."""

@@ -3,6 +3,7 @@ health. Each takes the parsed arguments and the loaded settings and returns an e
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import sys
 import time
@@ -15,7 +16,7 @@ import orjson
 from shared.app.natsserver import EmbeddedNats, port_is_free
 from shared.app.process import DEFAULT_URL, check_health, serve
 from shared.client import Client
-from shared.envelope import MetaValue
+from shared.envelope import MetaValue, Result
 from shared.errors import ConfigError, ResultTimeout
 from shared.runtime.group import declare
 from shared.settings import Settings
@@ -51,14 +52,32 @@ async def demo(args: argparse.Namespace, settings: Settings) -> int:
     """`orchestrator demo`."""
     from shared.app.demo import run_demo
 
+    wait = 10.0
+    if args.worker == "local":
+        _answer_with_the_local_model(settings)
+        wait = 120.0  # the model loads before the first answer
     if settings.nats_url:
-        await run_demo(settings, settings.nats_url, args.requests, sys.stdout)
+        await run_demo(settings, settings.nats_url, args.requests, sys.stdout, wait=wait)
         return 0
     with EmbeddedNats() as nats_server:
         print(f"embedded nats-server on {nats_server.url} (pid {nats_server.pid})",
               file=sys.stderr)  # fmt: skip
-        await run_demo(settings, nats_server.url, args.requests, sys.stdout)
+        await run_demo(settings, nats_server.url, args.requests, sys.stdout, wait=wait)
     return 0
+
+
+def _answer_with_the_local_model(settings: Settings) -> None:
+    """Make the inference stage's default model the local one (short answers, for a demo)."""
+    if importlib.util.find_spec("xllamacpp") is None:
+        raise ConfigError(
+            "the demo answers with a local model, which needs the `local` extra: pip install "
+            "'prompt-orchestrator[local]' (`make demo` does); or run `orchestrator demo "
+            "--worker echo`"
+        )
+    decl = settings.stages["inference"]
+    local = {"max_tokens": 64, **decl.options.get("local", {})}
+    options = {**decl.options, "worker": "local", "local": local}
+    settings.stages["inference"] = decl.model_copy(update={"options": options})
 
 
 async def up(args: argparse.Namespace, settings: Settings) -> int:
@@ -170,17 +189,40 @@ async def ask(args: argparse.Namespace, settings: Settings) -> int:
     """`orchestrator ask`."""
     client = await Client.connect(settings, url_of(settings))
     try:
-        answer = await client.ask(
-            args.text, args.session, timeout=args.timeout, **_request_options(args)
-        )
+        if args.stream:
+            answer = await _follow(client, args)
+        else:
+            answer = await client.ask(
+                args.text, args.session, timeout=args.timeout, **_request_options(args)
+            )
     except ResultTimeout as exc:
         print(f"{exc} (the request was accepted: `orchestrator result {exc.request_id}` "
               "reads its result later)", file=sys.stderr)  # fmt: skip
         return NO_RESULT
     finally:
         await client.close()
-    print(answer.model_dump_json(indent=2) if args.json else answer.output)
+    if args.json:
+        print(answer.model_dump_json(indent=2))
+    elif not args.stream:
+        print(answer.output)
     return 0
+
+
+async def _follow(client: Client, args: argparse.Namespace) -> Result:
+    """Print the answer's tokens as they come (on stdout unless --json); return the result."""
+    chunks = client.ask_stream(args.text, args.session, timeout=args.timeout,
+                               **_request_options(args))  # fmt: skip
+    async for item in chunks:
+        if isinstance(item, Result):
+            if not args.json:
+                print(flush=True)
+            return item
+        if args.json:
+            continue
+        if item.restart:
+            print("\n[the answer starts over]", file=sys.stderr, flush=True)
+        print(item.text, end="", flush=True)
+    raise AssertionError("a followed answer ends with its result")
 
 
 async def result(args: argparse.Namespace, settings: Settings) -> int:

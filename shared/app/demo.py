@@ -1,9 +1,11 @@
 """The demo: every stage in this process, ten requests through them, results and latencies."""
 
 import asyncio
+import contextlib
 from typing import TextIO
 
 from shared.client import Client
+from shared.errors import OrchestratorError
 from shared.latency import format_table, stage_latencies
 from shared.runtime.group import StageGroup, declare
 from shared.settings import Settings
@@ -25,8 +27,14 @@ QUESTIONS = (
 )
 
 
-async def run_demo(settings: Settings, url: str, requests: int, out: TextIO) -> None:
-    """Run the pipeline in-process against `url` and send `requests` requests through it."""
+async def run_demo(
+    settings: Settings, url: str, requests: int, out: TextIO, *, wait: float = 10.0
+) -> None:
+    """Run the pipeline in-process against `url` and send `requests` requests through it.
+
+    `wait` bounds how long the stages may take to start (a local model loads meanwhile) and
+    how long each answer may take, times three.
+    """
     topology = Topology(settings)
     group = StageGroup(settings, topology.graph.names, topology)
     bus = await Bus.connect(
@@ -36,19 +44,38 @@ async def run_demo(settings: Settings, url: str, requests: int, out: TextIO) -> 
     try:
         await declare(bus, topology)
         group.start(bus)
-        # Requests sent sooner wait in the intake until the stages are up, which is real but
-        # not what the latency table is for; after 10 s they are sent anyway.
-        await until_consuming(bus, topology, timeout=10.0)
-        asks = [QUESTIONS[i % len(QUESTIONS)] for i in range(requests)]
-        results = await asyncio.gather(
-            *(client.ask(text, session, timeout=30.0) for session, text in asks)
-        )
-        for (session, text), result in zip(asks, results, strict=True):
-            ms = (result.completed_at - result.created_at) * 1000
-            print(f"[{session}] {text}\n  -> {result.output}\n  ({ms:.1f} ms)", file=out)
-        rows, end_to_end = stage_latencies(results)
-        print("\nper-stage latency:\n" + format_table(rows, end_to_end), file=out)
+        work = asyncio.ensure_future(_ask(client, bus, topology, requests, out, wait))
+        stages = asyncio.ensure_future(group.wait())
+        await asyncio.wait({work, stages}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():  # a stage stopped (its set-up failed): say so now, not at timeout
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+            await stages  # re-raises the stage's error
+            raise OrchestratorError("a stage stopped before the demo was done")
+        stages.cancel()
+        work.result()
     finally:
         await group.stop()
         await client.close()
         await bus.close()
+
+
+async def _ask(
+    client: Client, bus: Bus, topology: Topology, requests: int, out: TextIO, wait: float
+) -> None:
+    # Requests sent sooner wait in the intake until the stages are up, which is real but
+    # not what the latency table is for; after `wait` they are sent anyway.
+    await until_consuming(bus, topology, timeout=wait)
+    asks = [QUESTIONS[i % len(QUESTIONS)] for i in range(requests)]
+    results = await asyncio.gather(
+        *(client.ask(text, session, timeout=3 * wait) for session, text in asks)
+    )
+    for (session, text), result in zip(asks, results, strict=True):
+        ms = (result.completed_at - result.created_at) * 1000
+        usage = result.usage
+        model = f", {usage.model}: {usage.completion_tokens} tokens" if usage else ""
+        answer = result.output.replace("\n", "\n     ")
+        print(f"[{session}] {text}\n  -> {answer}\n  ({ms:.1f} ms{model})", file=out)
+    rows, end_to_end = stage_latencies(results)
+    print("\nper-stage latency:\n" + format_table(rows, end_to_end), file=out)

@@ -14,9 +14,11 @@ down.
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from shared import deadletter
 from shared.components import Context, open_component
@@ -24,13 +26,15 @@ from shared.envelope import Envelope, Hop, Result, decode, encode
 from shared.errors import BusError, ConfigError, MessageTooLarge
 from shared.failure import Abandoned, DeadLetter, Expired, Reject, Retry, decide, describe
 from shared.gate import Gate
-from shared.middleware import Call, CallNext, Middleware, Outcome, compose, observers
+from shared.middleware import Call, CallNext, Middleware, Outcome, Output, compose, observers
 from shared.runtime.affinity import Affinity
 from shared.runtime.attempts import AttemptLog, Prior
 from shared.runtime.plan import StagePlan
 from shared.runtime.timeouts import Timeouts
+from shared.runtime.tokens import TokenStream
 from shared.runtime.tracing import Tracing
 from shared.settings import Settings
+from shared.stage import Partial
 from shared.topology import Topology
 from shared.transport.api import Delivery, MessageBus
 
@@ -114,11 +118,47 @@ class StageRuntime:
                 )
             chain.append(made)
         chain.append(await stack.enter_async_context(Timeouts(self.name, self._cfg.timeout)))
-        self._chain = compose(chain, handler)
+        self._chain = compose(chain, self._innermost(handler))
         self._observers = observers(chain)
 
+    def _innermost(self, handler: Any) -> CallNext:
+        """The call of `handler` itself: a plain one, or one whose pieces are published."""
+        if not inspect.isasyncgenfunction(handler):
+
+            def call(call: Call) -> Awaitable[Output]:
+                return handler(call.request)  # the handler's own coroutine: no frame of ours
+
+            return call
+
+        async def streaming(call: Call) -> Output:
+            request, output = call.request, None
+            tokens = None
+            if request.stream:
+                subject = self._topology.token_subject(request.request_id)
+                tokens = TokenStream(self._bus, subject, request.request_id, call.attempt,
+                                     self._settings.tokens.window)  # fmt: skip
+            async for item in handler(request):
+                if isinstance(item, Partial):
+                    if tokens is not None:
+                        await tokens.add(item)
+                else:
+                    output = item
+            if output is None:
+                raise Reject(f"{self.name}: the handler yielded pieces but no output")
+            if tokens is not None:
+                await tokens.close()
+            return output
+
+        return streaming
+
     def _context(self, options: object) -> Context[object]:
-        return Context(stage=self.name, instance=self.instance, options=options)
+        return Context(
+            stage=self.name,
+            instance=self.instance,
+            options=options,
+            subject_prefix=self._settings.subject_prefix,
+            requester=self._bus,
+        )
 
     async def _consume(self) -> None:
         tasks: set[asyncio.Task[None]] = set()

@@ -248,6 +248,12 @@ class MessageBus(Protocol):
         """Add `by` to the counter on `subject`; once per `msg_id`."""
         ...
 
+    async def emit(
+        self, subject: str, data: bytes, headers: Mapping[str, str] | None = None
+    ) -> None:
+        """Publish without waiting for a store's ack: for what may be lost (progress)."""
+        ...
+
     async def pull(self, spec: ConsumerSpec, largest: int = 64) -> Puller:
         """A continuous pull from the durable consumer of `spec`."""
         ...

@@ -4,18 +4,19 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import nats
 import nats.errors
 from nats.aio.client import Client as NatsClient
 
-from shared.errors import NotConnected
+from shared.errors import BusError, NotConnected
 from shared.transport.admin import JetStreamAdmin
 from shared.transport.api import ConsumerSpec, StoredMessage
 from shared.transport.keyvalue import JetStreamKeyValue, open_bucket
 from shared.transport.publish import Publisher
 from shared.transport.pull import JetStreamPuller, open_puller
+from shared.transport.service import Endpoint, Handler, request_stream, serve
 from shared.transport.subscribe import CoreSubscription, watch
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,38 @@ class Bus:
     async def increment(self, subject: str, by: int, *, msg_id: str) -> None:
         """Add `by` to the counter on `subject` (a counter stream); once per `msg_id`."""
         await self.publish(subject, b"", msg_id=msg_id, headers={"Nats-Incr": f"{by:+d}"})
+
+    async def emit(
+        self, subject: str, data: bytes, headers: Mapping[str, str] | None = None
+    ) -> None:
+        """Publish without waiting for a store's ack (a stream on `subject` still stores it)."""
+        try:
+            await self._nc.publish(subject, data, headers=dict(headers) if headers else None)
+        except nats.errors.Error as exc:
+            raise BusError(f"publish to {subject} failed: {exc}") from None
+
+    async def serve(
+        self,
+        *,
+        name: str,
+        version: str,
+        description: str,
+        subject: str,
+        queue_group: str,
+        handler: Handler,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Endpoint:
+        """A NATS micro service endpoint answering `subject` in `queue_group` (see
+        shared.transport.service)."""
+        return await serve(self._nc, name=name, version=version, description=description,
+                           subject=subject, queue_group=queue_group, handler=handler,
+                           metadata=metadata)  # fmt: skip
+
+    def request_stream(
+        self, subject: str, data: bytes, headers: Mapping[str, str] | None = None
+    ) -> AsyncIterator[StoredMessage]:
+        """Send a request and yield its replies as they come (see shared.transport.service)."""
+        return request_stream(self._nc, subject, data, headers)
 
     async def pull(self, spec: ConsumerSpec, largest: int = 64) -> JetStreamPuller:
         """A continuous pull from the durable consumer of `spec` (see JetStreamPuller)."""

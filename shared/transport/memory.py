@@ -767,6 +767,19 @@ class MemoryBus:
         await asyncio.sleep(0)  # the store's ack comes back after the message is stored
         return seq
 
+    async def emit(
+        self, subject: str, data: bytes, headers: Mapping[str, str] | None = None
+    ) -> None:
+        """Publish without waiting for a store's ack: a stream on the subject stores it, a
+        full one drops it."""
+        self.check_open()
+        hdrs = dict(headers or {})
+        self.server.broadcast(subject, data, hdrs)
+        stream = next((s for s in self.server.streams.values() if s.stores(subject)), None)
+        if stream is not None:
+            with contextlib.suppress(BusError):  # Overloaded too: nobody hears of it
+                stream.store(subject, data, hdrs)
+
     async def increment(self, subject: str, by: int, *, msg_id: str) -> None:
         """Add `by` to the counter on `subject`; once per `msg_id`."""
         await self.publish(subject, b"", msg_id=msg_id, headers={INCREMENT: f"{by:+d}"})

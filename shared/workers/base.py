@@ -4,16 +4,19 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 from shared.components import find
+from shared.envelope import Usage
 from shared.errors import ConfigError
 from shared.workers.echo import EchoOptions, EchoWorker
+from shared.workers.local import LocalOptions, LocalWorker
+from shared.workers.openai import OpenAIOptions, OpenAIWorker
 
 
 @runtime_checkable
 class ModelWorker(Protocol):
     """A model behind the inference stage: streams the tokens of a completion."""
 
-    def stream(self, prompt: str, *, session_id: str) -> AsyncIterator[str]:
-        """Yield the completion of `prompt` token by token."""
+    def stream(self, prompt: str, *, session_id: str) -> AsyncIterator[str | Usage]:
+        """Yield the completion of `prompt` piece by piece, then (optionally) its Usage."""
         ...
 
     async def aclose(self) -> None:
@@ -21,16 +24,37 @@ class ModelWorker(Protocol):
         ...
 
 
+async def start(worker: ModelWorker) -> None:
+    """Let a worker that has a `start` (load a model, start a server) do it: once, before
+    the first request."""
+    begin = getattr(worker, "start", None)
+    if begin is not None:
+        await begin()
+
+
 def load_worker(
-    kind: str, *, echo: EchoOptions | None = None, custom: Mapping[str, Any] | None = None
+    kind: str,
+    *,
+    echo: EchoOptions | None = None,
+    openai: OpenAIOptions | None = None,
+    local: LocalOptions | None = None,
+    custom: Mapping[str, Any] | None = None,
 ) -> ModelWorker:
     """Build the worker named by `kind`: a built-in name or `package.module:factory`.
 
     A factory is called with the `custom` options (a dict) and must return a ModelWorker.
     Modules are imported from the installed packages or the working directory.
     """
+
+    def openai_worker() -> ModelWorker:
+        if openai is None:
+            raise ConfigError("worker 'openai' needs its settings")
+        return OpenAIWorker(openai)
+
     builtins: dict[str, Callable[[], ModelWorker]] = {
-        "echo": lambda: EchoWorker.from_options(echo or EchoOptions())
+        "echo": lambda: EchoWorker.from_options(echo or EchoOptions()),
+        "openai": openai_worker,
+        "local": lambda: LocalWorker(local or LocalOptions()),
     }
     make = builtins.get(kind)
     if make is not None:

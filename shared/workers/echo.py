@@ -6,6 +6,8 @@ from collections.abc import AsyncIterator
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.envelope import Usage
+
 _TOKEN = re.compile(r"\S+\s*")
 
 
@@ -18,7 +20,7 @@ class EchoOptions(BaseModel):
 
 
 class EchoWorker:
-    """Streams the prompt back word by word, optionally pausing between tokens."""
+    """Answers with the prompt: at once, or word by word with `token_delay` between words."""
 
     def __init__(self, token_delay: float = 0.0) -> None:
         self.token_delay = token_delay
@@ -28,12 +30,19 @@ class EchoWorker:
         """Build from `[stages.inference.options.echo]`."""
         return cls(token_delay=options.token_delay)
 
-    async def stream(self, prompt: str, *, session_id: str) -> AsyncIterator[str]:
-        """Yield the words of `prompt`, each with its trailing whitespace."""
-        for token in _TOKEN.findall(prompt):
-            if self.token_delay:
+    async def stream(self, prompt: str, *, session_id: str) -> AsyncIterator[str | Usage]:
+        """Yield `prompt` (without a delay, in one piece, as a model that has the whole answer
+        would; with one, word by word, each with its trailing whitespace); then the Usage."""
+        if self.token_delay:
+            tokens = _TOKEN.findall(prompt)
+            for token in tokens:
                 await asyncio.sleep(self.token_delay)
-            yield token
+                yield token
+            count = len(tokens)
+        else:
+            yield prompt
+            count = len(prompt.split())  # as many as the words above
+        yield Usage(model="echo", prompt_tokens=count, completion_tokens=count)
 
     async def aclose(self) -> None:
         """Nothing to release."""

@@ -27,7 +27,7 @@ def run(args, env, timeout=120):
 
 def test_demo_on_embedded_server_exits_zero():
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_") and k != "NATS_URL"}
-    done = run(["demo"], env)
+    done = run(["demo", "--worker", "echo"], env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("  -> Context:") == 10
     assert "per-stage latency" in done.stdout
@@ -37,10 +37,29 @@ def test_demo_on_embedded_server_exits_zero():
 
 
 def test_demo_uses_configured_server(nats_server):
-    done = run(["--nats-url", nats_server.url, "demo", "--requests", "3"], stage_env("x"))
+    done = run(
+        ["--nats-url", nats_server.url, "demo", "--requests", "3", "--worker", "echo"],
+        stage_env("x"),
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("  -> Context:") == 3
     assert "embedded" not in done.stderr
+
+
+def test_demo_whose_model_cannot_start_fails_at_once_with_the_reason(nats_server, tmp_path):
+    config = tmp_path / "pipeline.toml"
+    missing = tmp_path / "missing.gguf"
+    config.write_text(
+        f'[stages.inference.options]\nworker = "local"\nlocal = {{ model_path = "{missing}" }}\n',
+        encoding="utf-8",
+    )
+    started = time.monotonic()
+    done = run(["--nats-url", nats_server.url, "demo", "--requests", "2"],
+               stage_env(nats_server.url, ORCH_CONFIG=str(config)), timeout=60)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert f"error: local model file not found: {missing}" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert time.monotonic() - started < 30  # not after the demo's two-minute wait for a model
 
 
 def test_up_publish_ask_result_round_trip(nats_server, tmp_path):
@@ -55,8 +74,8 @@ def test_up_publish_ask_result_round_trip(nats_server, tmp_path):
     try:
         asked = run(["ask", "What is NATS?", "--session", "cli", "--timeout", "30"], env)
         assert asked.returncode == 0, asked.stderr
-        assert asked.stdout.startswith("Context: - NATS is a lightweight messaging system")
-        assert asked.stdout.rstrip().endswith("Question: What is NATS? Answer:")
+        assert asked.stdout.startswith("Context:\n- NATS is a lightweight messaging system")
+        assert asked.stdout.rstrip().endswith("Question: What is NATS?\nAnswer:")
 
         published = run(["publish", "hello", "--session", "s.1", "--meta", "user=u1"], env)
         assert published.returncode == 0, published.stderr
@@ -82,11 +101,13 @@ def test_up_publish_ask_result_round_trip(nats_server, tmp_path):
             ran = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
                                  capture_output=True, text=True, timeout=60)  # fmt: skip
             assert ran.returncode == 0, ran.stderr
-            outputs.append(ran.stdout.splitlines())
+            outputs.append(ran.stdout)
         client, dlq = outputs  # the client, then the dead-letter operations
-        assert client[0].endswith("Question: What is JetStream? Answer:")
-        assert client[1].endswith("Question: And consumers? Answer:")
-        assert dlq == ["replayed 0 of 0"]  # nothing was dead-lettered here
+        first, second, streamed = client.split("Answer:\n", 2)  # three answers, in order
+        assert first.endswith("Question: What is JetStream?\n")
+        assert second.endswith("Question: And consumers?\n")
+        assert re.search(r"Question: And streams\?\nAnswer:\n\(echo: \d+ tokens\)\n$", streamed)
+        assert dlq.splitlines() == ["replayed 0 of 0"]  # nothing was dead-lettered here
     finally:
         up.send_signal(signal.SIGTERM)
         code = up.wait(60)

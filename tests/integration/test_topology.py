@@ -15,7 +15,7 @@ async def test_declare_is_idempotent_and_updates_changed_limits(nats_server):
     async with await Bus.connect(nats_server.url, name="t") as bus:
         first = await declare(bus, Topology(settings))
         assert all(line.endswith(": created") for line in first), first
-        assert len(first) == 8  # five channels, results, dead letters, counters
+        assert len(first) == 9  # five channels, results, tokens, dead letters, counters
 
         again = await declare(bus, Topology(settings))
         assert all(line.endswith(": unchanged") for line in again), again

@@ -25,7 +25,16 @@ def test_encoded_form_is_json_with_version_and_only_the_request_fields():
     assert raw["v"] == 1
     assert raw["request_id"] == "r-1"
     assert raw["session_id"] == "s"
-    assert set(raw) == set(Request.model_fields)
+    assert set(raw) == set(Request.model_fields) - {"stream"}  # left out while false
+
+
+def test_a_field_added_after_the_first_release_is_sent_only_when_set():
+    # A stage of the first release refuses unknown fields; leaving `stream: false` out keeps
+    # a newer client's plain requests acceptable to it during a rolling upgrade.
+    assert "stream" not in orjson.loads(encode(new_request("q", "s")))
+    streamed = new_request("q", "s", stream=True)
+    assert orjson.loads(encode(streamed))["stream"] is True
+    assert decode(encode(streamed), Request, 10_000) == streamed
 
 
 def test_with_data_sets_and_removes_keys_without_touching_the_original():

@@ -720,3 +720,79 @@ async def test_bus_counts_watches_and_reads_back(bus):
     assert at is not None and at.seq == 3
     assert await bus.admin.delete("C", 3) and not await bus.admin.delete("C", 3)
     await watched.aclose()
+
+
+def talker(ctx: Context[dict[str, Any]]) -> Any:
+    """A streaming stage factory: yields the input's words as pieces ("RESTART" starts the
+    answer over), then the result."""
+
+    async def handle(request: Envelope) -> AsyncIterator[Any]:
+        from shared.stage import Partial
+
+        said = []
+        for word in request.input.split():
+            await asyncio.sleep(0.002)
+            if word == "RESTART":
+                said = []
+                yield Partial("", restart=True)
+                continue
+            said.append(word)
+            yield Partial(word + " ")
+        yield Result(request_id=request.request_id, session_id=request.session_id,
+                     output=" ".join(said), created_at=request.created_at,
+                     completed_at=time.time(), hops=request.hops)  # fmt: skip
+
+    return handle
+
+
+async def tokens_of(pipe: "Pipe", request_id: str) -> list[dict[str, Any]]:
+    import orjson
+
+    stream = pipe.topology.stream_name("tokens")
+    subject = pipe.topology.token_subject(request_id)
+    out, seq = [], 1
+    while msg := await pipe.bus.admin.message_at(stream, seq, subject):
+        out.append(orjson.loads(msg.data))
+        seq = msg.seq + 1
+    return out
+
+
+async def test_a_streaming_handler_publishes_its_pieces_for_requests_that_ask(probe):
+    graph = {"entry": "a", "stages": {"a": {"handler": f"{HERE}:talker"}}}
+    settings = load_settings(graph=graph, partitions=1, tokens={"window": 0.02},
+                             affinity={"heartbeat": 0.05, "failover_after": 0.2})  # fmt: skip
+    async with pipeline(settings) as pipe:
+        pipe.start()
+        words = " ".join(f"w{i}" for i in range(30))
+        asked = new_request(words, "s", stream=True)
+        quiet = new_request(words, "s")
+        for request in (asked, quiet):
+            await pipe.bus.publish(pipe.topology.intake_subject("s"), encode(request),
+                                   msg_id=f"{request.request_id}:client")  # fmt: skip
+        async with asyncio.timeout(2):
+            while len(await pipe.results()) < 2:
+                await asyncio.sleep(0.01)
+        streamed = await tokens_of(pipe, asked.request_id)
+        assert await tokens_of(pipe, quiet.request_id) == []  # it did not ask
+    *pieces, last = streamed
+    assert last == {"request_id": asked.request_id, "generation": 0, "seq": len(pieces),
+                    "done": True}  # fmt: skip
+    assert [m["seq"] for m in pieces] == list(range(len(pieces)))
+    assert pieces[0]["text"] == "w0 "  # the first piece at once
+    assert 1 < len(pieces) < 30  # then batched
+    assert "".join(m["text"] for m in pieces) == words + " "
+
+
+async def test_a_restart_starts_a_new_generation_of_the_token_stream(probe):
+    graph = {"entry": "a", "stages": {"a": {"handler": f"{HERE}:talker"}}}
+    settings = load_settings(graph=graph, partitions=1, tokens={"window": 0.0},
+                             affinity={"heartbeat": 0.05, "failover_after": 0.2})  # fmt: skip
+    async with pipeline(settings) as pipe:
+        pipe.start()
+        request = new_request("old text RESTART new text", "s", stream=True)
+        await pipe.bus.publish(pipe.topology.intake_subject("s"), encode(request),
+                               msg_id="m")  # fmt: skip
+        await until(pipe.results)
+        streamed = await tokens_of(pipe, request.request_id)
+    texts = [(m["generation"], m.get("text")) for m in streamed]
+    assert texts == [(0, "old "), (0, "text "), (1, "new "), (1, "text "), (1, None)]

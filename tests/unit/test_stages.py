@@ -1,14 +1,15 @@
 """Each built-in stage alone: a factory building a pure async function from envelope to output."""
 
 import contextlib
+import inspect
 from typing import Any
 
 import pytest
 
 from shared.app.load import load
 from shared.components import Context, open_component, prepare
-from shared.data import COMPLETION, CONTEXT, OUTPUT, PROMPT
-from shared.envelope import Envelope, Result
+from shared.data import COMPLETION, CONTEXT, OUTPUT, PROMPT, USAGE
+from shared.envelope import Envelope, Result, Usage
 from shared.errors import ConfigError
 from shared.failure import Reject
 from shared.graph import Graph
@@ -30,11 +31,22 @@ def request(text: str = "What is JetStream?", session: str = "s") -> Envelope:
 
 @contextlib.asynccontextmanager
 async def handler_of(settings, name: str, **options: Any):
-    """The handler of stage `name`, built as the runtime builds it (set up, then torn down)."""
+    """The handler of stage `name`, built as the runtime builds it (set up, then torn down);
+    a streaming handler's pieces are collected in `handle.pieces`."""
     decl = settings.stages[name]
     prepared = prepare(decl.handler, "stage", {**decl.options, **options}, f"stages.{name}")
     async with contextlib.AsyncExitStack() as stack:
-        yield await open_component(prepared, Context(name, "test", prepared.options), stack)
+        handler = await open_component(prepared, Context(name, "test", prepared.options), stack)
+        if not inspect.isasyncgenfunction(handler):
+            yield handler
+            return
+
+        async def handle(request: Envelope) -> Any:
+            *pieces, output = [item async for item in handler(request)]
+            handle.pieces = pieces  # type: ignore[attr-defined]
+            return output
+
+        yield handle
 
 
 def test_default_graph_chains_the_five_stages(settings):
@@ -65,7 +77,11 @@ async def test_each_stage_hands_on_by_name_in_data(settings):
     assert PROMPT.read(env).endswith("|dead-letter stream reason")
     async with handler_of(settings, "inference") as inference:
         env = await inference(env)
+        pieces = inference.pieces
     assert COMPLETION.read(env) == PROMPT.read(env)  # the echo worker
+    assert "".join(p.text for p in pieces) == COMPLETION.read(env)  # as it was generated
+    usage = USAGE.read(env)
+    assert (usage.model, usage.pool, usage.fallback) == ("echo", "default", False)
     async with handler_of(settings, "post") as post:
         env = await post(env)
     assert OUTPUT.read(env) == COMPLETION.read(env).strip()
@@ -88,6 +104,18 @@ def test_stage_options_are_checked_against_the_factory_model(settings):
         prepare("services.assemble.stage:assemble", "stage", {"template": "{x}"}, "stages.a")
     with pytest.raises(ConfigError, match=r"stages\.post\.options\.anything: Extra inputs"):
         prepare("services.post.stage:post", "stage", {"anything": 1}, "stages.post")
+
+
+def test_inference_options_name_only_known_models():
+    ref, key = "services.inference.stage:inference", "stages.inference"
+    with pytest.raises(ConfigError, match=r"no model named \['nope'\]"):
+        prepare(ref, "stage", {"fallback": ["nope"]}, key)
+    with pytest.raises(ConfigError, match=r"no model named \['gone'\]"):
+        prepare(ref, "stage", {"routes": [{"when": {"session_id": "a"}, "model": "gone"}]}, key)
+    with pytest.raises(ConfigError, match="needs its settings"):
+        prepare(ref, "stage", {"models": {"big": {"worker": "openai"}}}, key)
+    ok = prepare(ref, "stage", {"models": {"big": {"fallback": ["default"]}}}, key)
+    assert list(ok.options.models) == ["big"]
 
 
 def test_retriever_missing_corpus_is_a_config_error(tmp_path):
@@ -119,9 +147,12 @@ def test_post_keeps_a_multi_line_answer_with_a_code_block_byte_for_byte():
     assert clean("a\x00b\x07c\r\nd") == "abc\r\nd"  # control characters, not line breaks
 
 
-async def test_echo_worker_streams_words():
-    tokens = [t async for t in EchoWorker().stream("a  b\nc", session_id="s")]
-    assert tokens == ["a  ", "b\n", "c"]
+async def test_echo_worker_answers_at_once_or_word_by_word_at_its_pace():
+    usage = Usage(model="echo", prompt_tokens=3, completion_tokens=3)
+    at_once = [t async for t in EchoWorker().stream("a  b\nc", session_id="s")]
+    assert at_once == ["a  b\nc", usage]
+    paced = [t async for t in EchoWorker(token_delay=0.001).stream("a  b\nc", session_id="s")]
+    assert paced == ["a  ", "b\n", "c", usage]
 
 
 def test_load_worker_builtin_and_import_path():

@@ -26,7 +26,8 @@ def test_names_subjects_and_limits():
     counters = t.counters_stream()
     assert (counters.name, counters.counter) == ("ORCH_COUNTERS", True)
     assert t.counter_subject("purged") == "orch.counters.purged"
-    assert len(t.streams()) == 8
+    assert len(t.streams()) == 9
+    assert t.token_subject("r") == "orch.tokens.r"
     assert t.channel_of_subject("orch.post.3") == "post"
     assert t.channel_of_subject("orch.nothing.3") is None
 
@@ -63,4 +64,4 @@ def test_an_added_stage_gets_its_own_channel(tmp_path):
     assert t.channel_names() == ["intake", "assemble", "inference", "post", "moderate", "stream"]
     assert t.channel_stream("moderate").max_msgs == 7
     assert t.channel_stream("moderate").name == "ORCH_MODERATE"
-    assert len(t.streams()) == 9
+    assert len(t.streams()) == 10
