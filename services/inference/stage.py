@@ -4,11 +4,12 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
+from typing import Any
 
 from pydantic import Field, model_validator
 
 from shared.data import COMPLETION, PROMPT, USAGE, write_all
-from shared.envelope import Envelope, Usage
+from shared.envelope import Envelope
 from shared.stage import Partial, StageContext, StreamingHandler, stage
 from shared.workers.models import DEFAULT, Answered, ModelOptions, ModelRoute, ModelRouter
 from shared.workers.remote import Requester
@@ -66,7 +67,9 @@ async def generate(router: ModelRouter, request: Envelope) -> AsyncIterator[Part
     yield write_all(request, {COMPLETION: "".join(pieces), USAGE: _usage(answered, started, first)})
 
 
-def _usage(answered: Answered, started: float, first: float | None) -> Usage:
+def _usage(answered: Answered, started: float, first: float | None) -> dict[str, Any]:
+    """The usage the worker reported, with which model answered and how fast, as stored in
+    `data.usage` (a Usage's fields; readers check them)."""
     ended = time.monotonic()
     fields = {**answered.usage.__dict__, "pool": answered.pool, "fallback": answered.fallback}
     if first is not None:
@@ -74,8 +77,7 @@ def _usage(answered: Answered, started: float, first: float | None) -> Usage:
         tokens = answered.usage.completion_tokens
         if tokens and tokens > 1 and ended > first:
             fields["tokens_per_second"] = round((tokens - 1) / (ended - first), 2)
-    # Every value is the worker's validated usage or computed here: no second validation.
-    return Usage.model_construct(**fields)
+    return fields
 
 
 async def complete(router: ModelRouter, request: Envelope) -> Envelope:
