@@ -7,12 +7,14 @@ broken stage graph (shared.graph).
 """
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from shared.errors import ConfigError, Problem
 from shared.graph import graph_problems
@@ -93,10 +95,13 @@ def load_settings(
     where = f"in {path} or the environment" if path else "in the environment"
     problems = _unknown_variables(os.environ, layers)
     settings = None
+    given = {k: v for k, v in overrides.items() if v is not None}
     try:
-        settings = cls(**{k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**given)
     except ValidationError as exc:
         problems += _problems(exc, _entry(layers))
+    except SettingsError as exc:  # a variable holding a list or table that is not JSON
+        problems.append(_unparsable(cls, given, exc))
     if settings is not None:
         problems += graph_problems(settings)
     if problems:
@@ -104,6 +109,29 @@ def load_settings(
                           problems)  # fmt: skip
     assert settings is not None
     return settings
+
+
+def _unparsable(cls: type[Settings], given: Mapping[str, Any], exc: SettingsError) -> Problem:
+    """Which environment variable pydantic-settings could not parse, and how to write it.
+
+    Its error names only the top-level field, so each variable under that field is left out
+    in turn until the error goes away.
+    """
+    field = re.search(r'field "(\w+)"', str(exc))
+    prefix = f"{ENV_PREFIX}{field.group(1).upper() if field else ''}"
+    hint = 'lists and tables set from the environment are JSON, e.g. [1.0, 5.0] or {"k": 1}'
+    for name in sorted(k for k in os.environ if k.upper().startswith(prefix)):
+        value = os.environ.pop(name)
+        try:
+            cls(**given)
+        except SettingsError:
+            continue
+        except ValidationError:
+            pass
+        finally:
+            os.environ[name] = value
+        return Problem(name, f"cannot parse {value!r}: {hint}")
+    return Problem(prefix + "*", f"a variable cannot be parsed: {hint}")
 
 
 def _entry(layers: list[Mapping[str, Any]]) -> str | None:

@@ -28,8 +28,6 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).parents[1]
 STAGE_NAMES = list(DEFAULT_GRAPH["stages"])
 """The built-in stages, in pipeline order."""
-STAGE_NAMES = list(DEFAULT_GRAPH["stages"])
-"""The built-in stages, in pipeline order."""
 
 
 def stage_env(url: str, **overrides: str) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from pathlib import Path
@@ -229,4 +230,8 @@ def main(argv: list[str] | None = None) -> None:
     except OrchestratorError as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 2
+    except BrokenPipeError:  # `orchestrator dlq ls | head`: the reader has all it wanted
+        # Point stdout at /dev/null so the interpreter's final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 128 + signal.SIGPIPE
     sys.exit(code)

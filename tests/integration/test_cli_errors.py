@@ -1,0 +1,58 @@
+"""Bad settings and closed pipes: one line on stderr and a documented exit code, never a
+traceback, from the command line and from a stage started on its own."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.support import ROOT, orchestrator_command, stage_env
+
+BAD_ENVIRONMENT = [
+    ({"ORCH_STAGES__RAG__BACKOFF": "1,2"}, "ORCH_STAGES__RAG__BACKOFF: cannot parse '1,2'"),
+    ({"ORCH_STAGES": "{bad"}, "ORCH_STAGES: cannot parse '{bad'"),
+    ({"ORCH_RESULTS": "[1"}, "ORCH_RESULTS: cannot parse '[1'"),
+]
+
+
+def one_line_error(done: subprocess.CompletedProcess[str], expected: str) -> None:
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert expected in lines[0]
+    assert "JSON" in lines[0]  # how to write it instead
+
+
+@pytest.mark.parametrize(("variables", "expected"), BAD_ENVIRONMENT)
+def test_a_bad_environment_value_is_one_line_naming_the_variable(nats_server, variables, expected):
+    env = stage_env(nats_server.url, **variables)
+    done = subprocess.run([*orchestrator_command(), "status"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    one_line_error(done, expected)
+
+
+def test_a_stage_started_with_a_bad_value_names_it_and_exits_2(nats_server):
+    env = stage_env(nats_server.url, ORCH_STAGES__RAG__BACKOFF="1,2")
+    done = subprocess.run([sys.executable, "-m", "services.rag"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    one_line_error(done, "ORCH_STAGES__RAG__BACKOFF: cannot parse '1,2'")
+
+
+@pytest.mark.parametrize("command", [["status"], ["status", "--json"], ["validate"], ["compose"]])
+def test_a_closed_pipe_ends_the_command_quietly(nats_server, command):
+    env = stage_env(nats_server.url)
+    declared = subprocess.run([*orchestrator_command(), "declare"], cwd=ROOT, env=env,
+                              capture_output=True, timeout=60)  # fmt: skip
+    assert declared.returncode == 0, declared.stderr
+    # The reader is gone before the command writes (as with `| head` once it has its lines).
+    process = subprocess.Popen([*orchestrator_command(), *command], cwd=ROOT,
+                               env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)  # fmt: skip
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()
+    err = process.stderr.read().decode()
+    code = process.wait(60)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert err == ""
+    assert code == 141  # 128 + SIGPIPE, as a shell reports a command ended by a closed pipe
