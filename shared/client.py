@@ -13,7 +13,7 @@ import orjson
 from opentelemetry import propagate
 
 from shared.envelope import MetaValue, Request, Result, decode, encode, new_request
-from shared.errors import ResultTimeout
+from shared.errors import MessageTooLarge, ResultTimeout
 from shared.settings import Settings
 from shared.topology import RESULTS, Topology
 from shared.transport.api import MessageBus
@@ -77,11 +77,18 @@ class Client:
     async def publish_request(self, envelope: Request) -> str:
         """Submit a prepared request; return its request id."""
         subject = self.topology.intake_subject(envelope.session_id)
+        data = encode(envelope)
+        limit = self.topology.settings.max_message_bytes
+        if len(data) > limit:  # the first stage would dead-letter it as invalid
+            raise MessageTooLarge(
+                f"the request is {len(data)} bytes encoded, over the pipeline's "
+                f"max_message_bytes of {limit}; nothing was sent"
+            )
         trace_headers: dict[str, str] = {}
         propagate.inject(trace_headers)  # the caller's active trace, if any (W3C traceparent)
         await self.bus.publish(
             subject,
-            encode(envelope),
+            data,
             msg_id=f"{envelope.request_id}:client",
             headers=trace_headers or None,
         )

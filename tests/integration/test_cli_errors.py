@@ -56,3 +56,33 @@ def test_a_closed_pipe_ends_the_command_quietly(nats_server, command):
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
     assert err == ""
     assert code == 141  # 128 + SIGPIPE, as a shell reports a command ended by a closed pipe
+
+
+async def test_a_request_over_the_limit_is_refused_before_it_is_published(nats_server):
+    from shared.client import Client
+    from shared.errors import MessageTooLarge
+    from shared.runtime.group import declare
+    from shared.topology import INTAKE, Topology
+    from shared.transport.connection import Bus
+    from tests.support import settings_for
+
+    settings = settings_for(stage_env(nats_server.url))
+    topology = Topology(settings)
+    async with await Bus.connect(nats_server.url, name="t") as bus:
+        await declare(bus, topology)
+        client = await Client.connect(settings, nats_server.url)
+        try:
+            with pytest.raises(MessageTooLarge, match="over the pipeline's max_message_bytes"):
+                await client.publish("x" * 300_000, "big")
+        finally:
+            await client.close()
+        intake = await bus.admin.stream_state(topology.stream_name(INTAKE))
+        assert intake.messages == 0  # nothing was sent, so nothing is dead-lettered later
+
+    # (a smaller limit: one command-line argument may not exceed 128 KiB)
+    env = stage_env(nats_server.url, ORCH_MAX_MESSAGE_BYTES="65536")
+    command = [*orchestrator_command(), "ask", "x" * 70_000, "--session", "big"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("error: the request is 70") and done.stderr.count("\n") == 1
+    assert "max_message_bytes of 65536" in done.stderr
