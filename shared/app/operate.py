@@ -72,8 +72,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--reason", choices=[r.value for r in Reason], help="only this reason")
         p.add_argument("--session", help="only this session id")
         p.add_argument("--request-id", help="only this request id")
-        p.add_argument("--since", help="failed at or after: 15m, 2h, 7d, ISO-8601, unix time")
-        p.add_argument("--until", help="failed before (same forms as --since)")
+        p.add_argument("--since", metavar="T", help="failed at or after T: ISO-8601, unix "
+                       "time, or a duration meaning that long ago (--since 2h: in the last "
+                       "two hours)")  # fmt: skip
+        p.add_argument("--until", metavar="T", help="failed before T, as --since (--until 7d: "
+                       "more than seven days ago)")  # fmt: skip
         p.add_argument("--limit", type=positive_int, help="at most this many entries")
 
     ls = ops.add_parser(
