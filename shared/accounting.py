@@ -25,6 +25,8 @@ class Snapshot:
     """Dead-letter entries replayed, per channel they were sent back to."""
     purged: int
     """Dead-letter entries deleted by operators."""
+    outcomes: int = 0
+    """Outcomes of dead-lettered requests ever stored in the results stream (beside results)."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ def account(snap: Snapshot) -> Accounts:
     replayed = sum(snap.replayed.values())
     return Accounts(
         accepted=snap.intake_stored - snap.replayed.get("intake", 0),
-        completed=snap.results_stored,
+        completed=snap.results_stored - snap.outcomes,
         dead_lettered=snap.dead_letters_stored - replayed,
         in_flight=sum(snap.channel_messages.values()),
         dead_letters_now=snap.dead_letters_now,

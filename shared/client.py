@@ -12,8 +12,16 @@ from typing import Any
 import orjson
 from opentelemetry import propagate
 
-from shared.envelope import MetaValue, Request, Result, decode, encode, new_request
-from shared.errors import MessageTooLarge, ResultTimeout
+from shared.envelope import (
+    DeadLettered,
+    MetaValue,
+    Request,
+    Result,
+    decode_answer,
+    encode,
+    new_request,
+)
+from shared.errors import MessageTooLarge, RequestDeadLettered, ResultTimeout
 from shared.settings import Settings
 from shared.topology import RESULTS, Topology
 from shared.transport.api import MessageBus
@@ -104,7 +112,8 @@ class Client:
         request_id: str | None = None,
         deadline: float | None = None,
     ) -> Result:
-        """Submit a request and wait up to `timeout` seconds for its result."""
+        """Submit a request and wait up to `timeout` seconds for its result (RequestDeadLettered
+        if it was dead-lettered instead, ResultTimeout if nothing came in time)."""
         envelope = new_request(
             text, session_id, metadata=metadata, request_id=request_id, deadline=deadline
         )
@@ -130,7 +139,8 @@ class Client:
 
     async def follow(self, request_id: str, timeout: float = 30.0) -> AsyncIterator[Chunk | Result]:
         """The answer of `request_id` as it is generated, from its first token however late
-        this starts, then its result; ResultTimeout when no result came within `timeout`.
+        this starts, then its result; ResultTimeout when no result came within `timeout`,
+        RequestDeadLettered when the request was dead-lettered.
 
         A Chunk with `restart` set means the text before it is void (the answer starts
         over). A request that did not ask for its tokens, or whose tokens have expired,
@@ -145,15 +155,15 @@ class Client:
         async def result() -> None:
             try:
                 await events.put(("result", await self.result(request_id, timeout)))
-            except ResultTimeout as exc:
-                await events.put(("timeout", exc))
+            except (ResultTimeout, RequestDeadLettered) as exc:
+                await events.put(("error", exc))
 
         tasks = [asyncio.create_task(tokens()), asyncio.create_task(result())]
         try:
             generation, told, done = -1, False, False
             while True:
                 kind, item = await events.get()
-                if kind == "timeout":
+                if kind == "error":
                     raise item
                 if kind == "result":
                     if not told:
@@ -177,20 +187,28 @@ class Client:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def result(self, request_id: str, timeout: float = 30.0) -> Result:
-        """The result of `request_id`: at once if stored, else when it arrives, or ResultTimeout."""
+        """The result of `request_id`: at once if stored, else when it arrives.
+
+        RequestDeadLettered when the request ended in the dead-letter stream instead (at once,
+        with the stage, reason, error and entry); ResultTimeout when nothing came in time.
+        """
         return await self._await_result(request_id, timeout, None)
 
     async def stored_result(self, request_id: str) -> Result | None:
-        """The stored result of `request_id`, or None if there is none (yet)."""
+        """The stored result of `request_id`, or None if there is none (yet);
+        RequestDeadLettered if it ended in the dead-letter stream."""
         stored = await self.bus.admin.last_message(
             self.topology.stream_name(RESULTS), self.topology.result_subject(request_id)
         )
-        return decode(stored.data, Result, _RESULT_MAX_BYTES) if stored else None
+        return _answer(stored.data) if stored else None
 
     async def results(self) -> AsyncIterator[Result]:
-        """Every stored result from the oldest, then new ones as they are stored."""
+        """Every stored result from the oldest, then new ones as they are stored (the
+        outcomes of dead-lettered requests, stored beside them, are left out)."""
         async for msg in self.bus.watch(self.topology.result_subject("*")):
-            yield decode(msg.data, Result, _RESULT_MAX_BYTES)
+            answer = decode_answer(msg.data, _RESULT_MAX_BYTES)
+            if isinstance(answer, Result):
+                yield answer
 
     async def _await_result(
         self, request_id: str, timeout: float, to_publish: Request | None
@@ -208,10 +226,19 @@ class Client:
             while (left := deadline - time.monotonic()) > 0:
                 msg = await sub.next_message(min(left, _RECHECK))
                 if msg is not None:
-                    return decode(msg.data, Result, _RESULT_MAX_BYTES)
+                    return _answer(msg.data)
                 found = await self.stored_result(request_id)
                 if found:
                     return found
             raise ResultTimeout(request_id, timeout)
         finally:
             await sub.close()
+
+
+def _answer(data: bytes) -> Result:
+    """The result in a message of a result subject; RequestDeadLettered for an outcome."""
+    answer = decode_answer(data, _RESULT_MAX_BYTES)
+    if isinstance(answer, DeadLettered):
+        raise RequestDeadLettered(answer.request_id, answer.status, answer.stage, answer.error,
+                                  answer.dead_letter_seq)  # fmt: skip
+    return answer

@@ -6,6 +6,7 @@ and the `hops` the runtime appends, one per stage. A last stage turns the envelo
 `Result`. JSON Schemas of these models are under docs/schema/.
 """
 
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal, TypeVar
@@ -17,6 +18,8 @@ from shared.errors import InvalidMessage
 
 ENVELOPE_VERSION = 1
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
+_REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
+SESSION_ID_MAX = 1024
 
 MetaValue = str | int | float | bool | None
 Metadata = Annotated[dict[str, MetaValue], Field(max_length=64)]
@@ -44,7 +47,7 @@ class Request(_Wire):
 
     v: Literal[1] = ENVELOPE_VERSION
     request_id: str = Field(pattern=REQUEST_ID_PATTERN)
-    session_id: str = Field(min_length=1, max_length=1024)
+    session_id: str = Field(min_length=1, max_length=SESSION_ID_MAX)
     input: str
     metadata: Metadata = Field(default_factory=dict)
     created_at: float
@@ -100,6 +103,28 @@ class Result(_Wire):
     hops: list[Hop] = Field(default_factory=list)
     usage: Usage | None = None
     """Set when a model answered (the inference stage records it)."""
+
+
+class DeadLettered(_Wire):
+    """How a request ended when it did not complete: stored where its result would be.
+
+    A stage that dead-letters a request whose id it could read publishes this to the
+    request's result subject, after the dead-letter entry is stored. A replay that then
+    completes replaces it with the result (one message per result subject).
+    """
+
+    v: Literal[1] = ENVELOPE_VERSION
+    request_id: str = Field(pattern=REQUEST_ID_PATTERN)
+    session_id: str | None = None
+    status: Literal["backpressure", "expired", "invalid", "failed"]
+    """The dead-letter reason."""
+    stage: str
+    """The stage that dead-lettered it."""
+    error: str
+    dead_letter_seq: int = Field(ge=1)
+    """The dead-letter entry's sequence: `orchestrator dlq show <seq>`."""
+    at: float
+    """When (unix seconds)."""
 
 
 def new_request_id() -> str:
@@ -165,6 +190,34 @@ def decode(data: bytes, model: type[M], max_bytes: int) -> M:
         return model.model_validate(raw)
     except ValidationError as exc:
         raise InvalidMessage(describe_validation_error(exc)) from None
+
+
+def decode_answer(data: bytes, max_bytes: int) -> "Result | DeadLettered":
+    """Parse a message of a result subject: a Result, or a DeadLettered outcome (which has a
+    `status` and no `output`)."""
+    try:
+        raw: Any = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raw = None
+    if isinstance(raw, dict) and "status" in raw and "output" not in raw:
+        return decode(data, DeadLettered, max_bytes)
+    return decode(data, Result, max_bytes)
+
+
+def peek_ids(data: bytes) -> tuple[str | None, str | None]:
+    """The request and session ids of a message that failed to decode, where it has them
+    (valid JSON, an object, a well-formed request id, a session id of at most SESSION_ID_MAX
+    characters); None for each it lacks."""
+    try:
+        raw: Any = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None, None
+    if not isinstance(raw, dict):
+        return None, None
+    rid, sid = raw.get("request_id"), raw.get("session_id")
+    well_formed = isinstance(rid, str) and _REQUEST_ID.fullmatch(rid) is not None
+    sid_ok = isinstance(sid, str) and 0 < len(sid) <= SESSION_ID_MAX
+    return (rid if well_formed else None), (sid if sid_ok else None)
 
 
 def describe_validation_error(exc: ValidationError, limit: int = 5) -> str:

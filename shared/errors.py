@@ -72,3 +72,25 @@ class ResultTimeout(OrchestratorError):
     def __init__(self, request_id: str, timeout: float) -> None:
         self.request_id = request_id
         super().__init__(f"no result for request {request_id} within {timeout:g}s")
+
+
+class RequestDeadLettered(OrchestratorError):
+    """The request ended in the dead-letter stream, not in a result.
+
+    `status` is the reason (`expired`, `invalid`, `failed`, `backpressure`), `stage` the stage
+    that dead-lettered it, `error` why, and `dead_letter_seq` its entry's sequence (for
+    `orchestrator dlq show`, and `dlq replay`).
+    """
+
+    def __init__(
+        self, request_id: str, status: str, stage: str, error: str, dead_letter_seq: int
+    ) -> None:
+        self.request_id = request_id
+        self.status = status
+        self.stage = stage
+        self.error = error
+        self.dead_letter_seq = dead_letter_seq
+        super().__init__(
+            f"request {request_id} was dead-lettered by {stage} as {status}: {error} "
+            f"(dead-letter entry {dead_letter_seq}: orchestrator dlq show {dead_letter_seq})"
+        )

@@ -6,9 +6,14 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from shared.envelope import Envelope, Request, Result
+from shared.envelope import DeadLettered, Envelope, Request, Result
 
-MODELS: dict[str, type[BaseModel]] = {"request": Request, "envelope": Envelope, "result": Result}
+MODELS: dict[str, type[BaseModel]] = {
+    "request": Request,
+    "envelope": Envelope,
+    "result": Result,
+    "dead-lettered": DeadLettered,
+}
 SCHEMA_DIR = Path(__file__).parents[1] / "docs" / "schema"
 
 

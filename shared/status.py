@@ -9,7 +9,7 @@ import orjson
 
 from shared.accounting import Accounts, Snapshot, account
 from shared.graph import INTAKE
-from shared.topology import COUNTERS, DLQ, RESULTS, Topology
+from shared.topology import COUNTERS, DLQ, OUTCOMES, RESULTS, Topology
 from shared.transport.api import MessageBus
 
 
@@ -69,6 +69,7 @@ async def read_status(bus: MessageBus, topology: Topology) -> Status:
         channel_messages={c: s.messages for c, s in channel_state.items()},
         replayed=replayed,
         purged=await admin.counter(counters, topology.counter_subject("purged")),
+        outcomes=await admin.counter(counters, topology.counter_subject(OUTCOMES)),
     )
     members = await members_by_stage(bus, topology)
     rows = []

@@ -19,6 +19,8 @@ RESULTS = "results"
 DLQ = "dlq"
 COUNTERS = "counters"
 TOKENS = "tokens"
+OUTCOMES = "outcomes"
+"""The counter of dead-lettered requests' outcomes stored in the results stream."""
 
 
 class Topology:

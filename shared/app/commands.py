@@ -17,7 +17,7 @@ from shared.app.natsserver import EmbeddedNats, port_is_free
 from shared.app.process import DEFAULT_URL, check_health, serve
 from shared.client import Client
 from shared.envelope import MetaValue, Result
-from shared.errors import ConfigError, ResultTimeout
+from shared.errors import ConfigError, RequestDeadLettered, ResultTimeout
 from shared.runtime.group import declare
 from shared.settings import Settings
 from shared.topology import Topology
@@ -26,6 +26,8 @@ from shared.transport.connection import Bus
 DEFAULT_PORT = 4222
 NO_RESULT = 1
 """Exit code of `result` and `ask` when there is no result (in time): an answer, not an error."""
+DEAD_LETTERED = 3
+"""Exit code of `result` and `ask` when the request ended in the dead-letter stream."""
 
 Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
 
@@ -199,6 +201,8 @@ async def ask(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{exc} (the request was accepted: `orchestrator result {exc.request_id}` "
               "reads its result later)", file=sys.stderr)  # fmt: skip
         return NO_RESULT
+    except RequestDeadLettered as exc:
+        return _dead_lettered(exc, args.json)
     finally:
         await client.close()
     if args.json:
@@ -225,6 +229,17 @@ async def _follow(client: Client, args: argparse.Namespace) -> Result:
     raise AssertionError("a followed answer ends with its result")
 
 
+def _dead_lettered(exc: RequestDeadLettered, as_json: bool) -> int:
+    """Say how a dead-lettered request ended (one line on stderr, or JSON on stdout)."""
+    if as_json:
+        fields = ("request_id", "status", "stage", "error", "dead_letter_seq")
+        print(orjson.dumps({k: getattr(exc, k) for k in fields}, option=orjson.OPT_INDENT_2)
+              .decode())  # fmt: skip
+    else:
+        print(str(exc), file=sys.stderr)
+    return DEAD_LETTERED
+
+
 async def result(args: argparse.Namespace, settings: Settings) -> int:
     """`orchestrator result`."""
     client = await Client.connect(settings, url_of(settings))
@@ -240,6 +255,8 @@ async def result(args: argparse.Namespace, settings: Settings) -> int:
     except ResultTimeout as exc:
         print(str(exc), file=sys.stderr)
         return NO_RESULT
+    except RequestDeadLettered as exc:
+        return _dead_lettered(exc, args.json)
     finally:
         await client.close()
     print(orjson.dumps(found.model_dump(), option=orjson.OPT_INDENT_2).decode()

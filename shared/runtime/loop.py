@@ -18,11 +18,12 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 from shared import deadletter
 from shared.components import Context, open_component
-from shared.envelope import Envelope, Hop, Result, decode, encode
+from shared.envelope import DeadLettered, Envelope, Hop, Result, decode, encode, peek_ids
 from shared.errors import BusError, ConfigError, MessageTooLarge
 from shared.failure import Abandoned, DeadLetter, Expired, Reject, Retry, decide, describe
 from shared.gate import Gate
@@ -35,7 +36,7 @@ from shared.runtime.tokens import TokenStream
 from shared.runtime.tracing import Tracing
 from shared.settings import Settings
 from shared.stage import Partial
-from shared.topology import Topology
+from shared.topology import OUTCOMES, Topology
 from shared.transport.api import Delivery, MessageBus
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,10 @@ REFILL_WAIT = 0.005
 ISOLATE_AFTER = 2
 """Attempts cut off by a lost consumer after which a message runs with nothing else under way
 (fewer when `max_deliver` is lower: innocent neighbours must never reach the limit)."""
+
+
+OUTCOME_ERROR = 1024
+"""Characters of the error a dead-lettered request's outcome carries (the entry has it all)."""
 
 
 class StageRuntime:
@@ -442,47 +447,84 @@ class StageRuntime:
     async def _dead_letter(
         self, delivery: Delivery, request: Envelope | None, action: DeadLetter, attempt: int
     ) -> bool:
+        request_id, session_id = (
+            (request.request_id, request.session_id) if request else peek_ids(delivery.data)
+        )
         headers = deadletter.entry_headers(
             reason=action.reason,
             error=action.error,
             stage=self.name,
             subject=delivery.subject,
             delivered=attempt,
-            request_id=request.request_id if request else None,
-            session_id=request.session_id if request else None,
+            request_id=request_id,
+            session_id=session_id,
             original=delivery.headers,
         )
         # Keyed by the input's stream sequence, so a redelivered copy is stored only once.
         msg_id = f"dlq:{self._stream}:{delivery.stream_seq}"
         subject = self._topology.dlq_subject(self.name, action.reason)
         payload = delivery.data
-        wait = 0.5
         while True:
             try:
-                await self._bus.publish(subject, payload, msg_id=msg_id, headers=headers)
+                store = partial(self._bus.publish, subject, payload, msg_id=msg_id, headers=headers)
+                seq = await self._held(store)
                 break
             except MessageTooLarge:
                 # Only an input at the server's own limit gets here (it was refused as over
                 # max_message_bytes): keep what fits, and say how much there was.
                 headers[deadletter.TRUNCATED] = str(len(delivery.data))
                 payload = payload[: max(0, len(payload) - 64 * 1024)]
-                continue
-            except BusError as exc:
-                # A nak would spend one of the message's deliveries; once they ran out it
-                # would sit in its stream for good. So it is held here (the keep-alive stops
-                # redelivery) until the dead-letter stream has room again.
-                if self._stopping.is_set():
-                    await delivery.nak()
-                    return False
-                log.warning("%s: dead-letter stream refused entry (%s); retrying in %.1fs",
-                            self.instance, exc, wait)  # fmt: skip
-                await asyncio.sleep(wait)
-                wait = min(wait * 2, 10.0)
+        if seq is None:
+            await delivery.nak()
+            return False
+        if request_id is not None:  # its client learns how it ended, where it waits
+            outcome = DeadLettered(
+                request_id=request_id, session_id=session_id, status=action.reason.value,
+                stage=self.name, error=action.error[:OUTCOME_ERROR], dead_letter_seq=seq,
+                at=time.time(),
+            )  # fmt: skip
+            try:
+                told = await self._held(partial(self._tell, outcome))
+            except MessageTooLarge:  # at a small max_message_bytes: the entry has it all
+                short = {"session_id": None, "error": outcome.error[:200]}
+                told = await self._held(partial(self._tell, outcome.model_copy(update=short)))
+            if told is None:
+                await delivery.nak()
+                return False
         await delivery.ack()
         if self._attempts is not None:
             self._attempts.done(delivery.stream_seq)
         log.debug("%s: dead-lettered (%s): %s", self.instance, action.reason, action.error)
         return True
+
+    async def _tell(self, outcome: DeadLettered) -> int:
+        # Counted before it is stored (both once per entry, by message id): `status` takes
+        # outcomes from the results stream's count to find the completed requests.
+        once = f"outcome:{outcome.dead_letter_seq}"
+        await self._bus.increment(self._topology.counter_subject(OUTCOMES), 1, msg_id=once)
+        subject = self._topology.result_subject(outcome.request_id)
+        return await self._bus.publish(subject, encode(outcome), msg_id=once)
+
+    async def _held(self, publish: Callable[[], Awaitable[int]]) -> int | None:
+        """Publish until it is stored; None if the stage is stopping first.
+
+        A nak would spend one of the message's deliveries; once they ran out it would sit in
+        its stream for good. So it is held here (the keep-alive stops redelivery) until the
+        stream has room again. MessageTooLarge is the caller's to handle.
+        """
+        wait = 0.5
+        while True:
+            try:
+                return await publish()
+            except MessageTooLarge:
+                raise
+            except BusError as exc:
+                if self._stopping.is_set():
+                    return None
+                log.warning("%s: a dead-letter write was refused (%s); retrying in %.1fs",
+                            self.instance, exc, wait)  # fmt: skip
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, 10.0)
 
     async def _keep_alive(self) -> None:
         # Long handlers (model calls) must not outlive ack_wait, or the message is redelivered

@@ -12,7 +12,7 @@ import time
 from shared.client import Client
 from shared.dlq import DeadLetterQueue, EntryFilter
 from shared.errors import Overloaded
-from shared.topology import Topology
+from shared.topology import COUNTERS, OUTCOMES, Topology
 from shared.transport.connection import Bus
 from tests.support import (
     ROOT,
@@ -31,8 +31,13 @@ async def dead_letters(url, settings, flt=None):
 
 
 async def results_stored(url, settings):
+    """Results ever stored: the results stream's count, less the outcomes of dead-lettered
+    requests stored beside them."""
+    topology = Topology(settings)
     async with await Bus.connect(url, name="test-results") as bus:
-        return (await bus.admin.stream_state(f"{settings.stream_prefix}_RESULTS")).last_seq
+        stored = (await bus.admin.stream_state(f"{settings.stream_prefix}_RESULTS")).last_seq
+        counters = topology.stream_name(COUNTERS)
+        return stored - await bus.admin.counter(counters, topology.counter_subject(OUTCOMES))
 
 
 def poison_env(tmp_path, **extra):
