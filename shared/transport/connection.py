@@ -152,8 +152,9 @@ _RETRY_LOG_EVERY = 10.0
 class _ConnectionEvents:
     """Logs connection trouble, but not the disconnect that closing a connection causes.
 
-    A failing (re)connect is logged when it starts and then every _RETRY_LOG_EVERY seconds,
-    not once per attempt, so a one-shot command waiting 5 s logs one line before its error.
+    A failing reconnect is logged when it starts and then every _RETRY_LOG_EVERY seconds, not
+    once per attempt; a failing first connect only after _RETRY_LOG_EVERY seconds, so a
+    one-shot command that gives up sooner prints its error alone.
     """
 
     def __init__(self, url: str) -> None:
@@ -170,6 +171,9 @@ class _ConnectionEvents:
         now = time.monotonic()
         if self._failing_since is None:
             self._failing_since = now
+            if self.bus is None:  # a first connect: a command's own error will say it sooner
+                self._logged_at = now
+                return
         elif now - self._logged_at < _RETRY_LOG_EVERY:
             return
         self._logged_at = now
