@@ -25,9 +25,15 @@ MetaValue = str | int | float | bool | None
 Metadata = Annotated[dict[str, MetaValue], Field(max_length=64)]
 
 
+def _v_is_required(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    # Python fills `v` in; on the wire it is required (decode refuses a message without it).
+    if "v" in model.model_fields:
+        schema["required"] = ["v", *schema.get("required", [])]
+
+
 class _Wire(BaseModel):
     # strict: "1" is not 1 and 1 is not "1"; unknown fields are an error, not silently dropped.
-    model_config = ConfigDict(strict=True, extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra=_v_is_required)
 
 
 M = TypeVar("M", bound=_Wire)
@@ -182,7 +188,9 @@ def decode(data: bytes, model: type[M], max_bytes: int) -> M:
     if not isinstance(raw, dict):
         raise InvalidMessage(f"expected a JSON object, got {type(raw).__name__}")
     version = raw.get("v")
-    if type(version) is not int or version != ENVELOPE_VERSION:  # true and 1.0 are not 1
+    if type(version) is float and version == ENVELOPE_VERSION:  # JSON's 1.0 is the integer 1
+        raw["v"] = version = ENVELOPE_VERSION
+    if type(version) is not int or version != ENVELOPE_VERSION:  # true and "1" are not 1
         raise InvalidMessage(
             f"v: unsupported envelope version {version!r}; this stage speaks {ENVELOPE_VERSION}"
         )

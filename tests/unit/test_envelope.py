@@ -91,8 +91,24 @@ def test_new_request_rejects_bad_request_id():
         new_request("q", "s", request_id="has.dots")
 
 
-@pytest.mark.parametrize("version", [b"true", b"1.0", b'"1"'])
+@pytest.mark.parametrize("version", [b"true", b'"1"', b"1.5", b"2"])
 def test_version_must_be_the_integer_one(version):
     data = b'{"v":' + version + b',"request_id":"a","session_id":"s","input":"x","created_at":1}'
     with pytest.raises(InvalidMessage, match="unsupported envelope version"):
         decode(data, Envelope, 10_000)
+
+
+def test_version_one_point_zero_is_the_integer_one_as_json_schema_says():
+    data = b'{"v":1.0,"request_id":"a","session_id":"s","input":"x","created_at":1.0}'
+    assert decode(data, Request, 10_000).v == 1
+
+
+def test_the_schemas_require_v_as_the_decoder_does():
+    from shared.schema import MODELS
+
+    for name, model in MODELS.items():
+        assert "v" in model.model_json_schema()["required"], name
+    missing = b'{"request_id":"a","session_id":"s","input":"x","created_at":1.0}'
+    with pytest.raises(InvalidMessage, match="version"):
+        decode(missing, Request, 10_000)
+
