@@ -24,9 +24,10 @@ from typing import Any
 from shared import deadletter
 from shared.components import Context, open_component
 from shared.envelope import DeadLettered, Envelope, Hop, Result, decode, encode, peek_ids
-from shared.errors import BusError, ConfigError, MessageTooLarge
+from shared.errors import BusError, ConfigError, InvalidMessage, MessageTooLarge
 from shared.failure import Abandoned, DeadLetter, Expired, Reject, Retry, decide, describe
 from shared.gate import Gate
+from shared.graph import INTAKE
 from shared.middleware import Call, CallNext, Middleware, Outcome, Output, compose, observers
 from shared.runtime.affinity import Affinity
 from shared.runtime.attempts import AttemptLog, Prior
@@ -73,6 +74,7 @@ class StageRuntime:
         self._topology = topology
         self._settings = settings
         self._stream = topology.stream_name(self.stage.channel)
+        self._from_client = self.stage.channel == INTAKE
         self._cfg = self.stage.decl
         graph = topology.graph
         self._channels = {name: graph[name].channel for name in self.stage.route.targets}
@@ -333,6 +335,7 @@ class StageRuntime:
         request: Envelope | None = None
         try:
             request = decode(delivery.data, Envelope, self._max_bytes)
+            self._check_place(request, delivery.subject)
             if prior is not None and prior.losses >= self._cfg.max_deliver:
                 raise Abandoned(
                     f"cut off {prior.losses} times (at most {self._cfg.max_deliver}): the "
@@ -443,6 +446,16 @@ class StageRuntime:
             await self._attempts.failed(delivery.stream_seq, delivery.headers, prior, failures)
         except BusError as exc:  # left open, the attempt would later count as a loss
             log.warning("%s: cannot record a failed attempt: %s", self.instance, exc)
+
+    def _check_place(self, request: Envelope, subject: str) -> None:
+        """InvalidMessage unless `request` came on its session's partition subject, and, at the
+        intake, without the sections only stages write."""
+        expected = self._topology.subject_for(self.stage.channel, request.session_id)
+        if subject != expected:  # it would bypass session affinity
+            raise InvalidMessage(f"published on {subject}, but session {request.session_id!r} "
+                                 f"belongs on {expected}")  # fmt: skip
+        if self._from_client and (request.data or request.hops):
+            raise InvalidMessage("data, hops: written by the stages; a request may not set them")
 
     async def _dead_letter(
         self, delivery: Delivery, request: Envelope | None, action: DeadLetter, attempt: int

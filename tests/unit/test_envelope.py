@@ -111,4 +111,3 @@ def test_the_schemas_require_v_as_the_decoder_does():
     missing = b'{"request_id":"a","session_id":"s","input":"x","created_at":1.0}'
     with pytest.raises(InvalidMessage, match="version"):
         decode(missing, Request, 10_000)
-
