@@ -306,22 +306,14 @@ class StageRuntime:
         failures = prior.failures + delivery.delivered - 1
         if prior.losses < self._cfg.max_deliver and failures < self._cfg.max_deliver:
             # Written before the attempt starts, so that a crash during it still counts.
-            wait = 0.5
-            while True:
-                try:
-                    await self._attempts.started(
-                        delivery.stream_seq, delivery.headers, prior, failures
-                    )
-                    break
-                except BusError as exc:
-                    # Held (the keep-alive stops redelivery), not nak'ed: a nak would spend a
-                    # delivery on an attempt that never ran.
-                    if self._stopping.is_set():
-                        return False
-                    log.warning("%s: cannot record attempt (%s); retrying in %.1fs",
-                                self.instance, exc, wait)  # fmt: skip
-                    await asyncio.sleep(wait)
-                    wait = min(wait * 2, 10.0)
+            attempts = self._attempts
+
+            async def record() -> int:
+                await attempts.started(delivery.stream_seq, delivery.headers, prior, failures)
+                return 0
+
+            if await self._held(record, "recording the attempt") is None:
+                return False
         return await self._attempt(delivery, received, failures + 1, prior)
 
     async def _attempt(
@@ -480,7 +472,7 @@ class StageRuntime:
         while True:
             try:
                 store = partial(self._bus.publish, subject, payload, msg_id=msg_id, headers=headers)
-                seq = await self._held(store)
+                seq = await self._held(store, "storing the dead-letter entry")
                 break
             except MessageTooLarge:
                 # Only an input at the server's own limit gets here (it was refused as over
@@ -497,10 +489,12 @@ class StageRuntime:
                 at=time.time(),
             )  # fmt: skip
             try:
-                told = await self._held(partial(self._tell, outcome))
+                told = await self._held(partial(self._tell, outcome), "storing the outcome")
             except MessageTooLarge:  # at a small max_message_bytes: the entry has it all
                 short = {"session_id": None, "error": outcome.error[:200]}
-                told = await self._held(partial(self._tell, outcome.model_copy(update=short)))
+                told = await self._held(
+                    partial(self._tell, outcome.model_copy(update=short)), "storing the outcome"
+                )
             if told is None:
                 await delivery.nak()
                 return False
@@ -518,24 +512,25 @@ class StageRuntime:
         subject = self._topology.result_subject(outcome.request_id)
         return await self._bus.publish(subject, encode(outcome), msg_id=once)
 
-    async def _held(self, publish: Callable[[], Awaitable[int]]) -> int | None:
-        """Publish until it is stored; None if the stage is stopping first.
+    async def _held(self, write: Callable[[], Awaitable[int]], what: str) -> int | None:
+        """Retry `write` with backoff until it succeeds; None if the stage is stopping first.
 
-        A nak would spend one of the message's deliveries; once they ran out it would sit in
-        its stream for good. So it is held here (the keep-alive stops redelivery) until the
-        stream has room again. MessageTooLarge is the caller's to handle.
+        A nak would spend one of the message's deliveries (on an attempt that never ran, or,
+        once they ran out, leaving the message in its stream for good). So it is held here
+        (the keep-alive stops redelivery) until the server takes the write. MessageTooLarge is
+        the caller's to handle.
         """
         wait = 0.5
         while True:
             try:
-                return await publish()
+                return await write()
             except MessageTooLarge:
                 raise
             except BusError as exc:
                 if self._stopping.is_set():
                     return None
-                log.warning("%s: a dead-letter write was refused (%s); retrying in %.1fs",
-                            self.instance, exc, wait)  # fmt: skip
+                log.warning("%s: %s failed (%s); retrying in %.1fs", self.instance, what, exc,
+                            wait)  # fmt: skip
                 await asyncio.sleep(wait)
                 wait = min(wait * 2, 10.0)
 
