@@ -6,7 +6,7 @@ missing or wrong. A new stage adds its own names; the envelope's schema does not
 docs/PROTOCOL.md lists the names the built-in stages use.
 """
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
@@ -51,9 +51,17 @@ class DataKey(Generic[T]):
         return envelope.model_copy(update={"data": {**envelope.data, self.name: _stored(value)}})
 
 
-def write_all(envelope: Envelope, values: "Mapping[DataKey[Any], Any]") -> Envelope:
-    """A copy of `envelope` with every key of `values` set: one copy however many keys."""
+def write_all(
+    envelope: Envelope,
+    values: "Mapping[DataKey[Any], Any]",
+    drop: "Iterable[DataKey[Any]]" = (),
+) -> Envelope:
+    """A copy of `envelope` with every key of `values` set and the keys in `drop` removed
+    (what no later stage reads: a message carries at most two copies of the input, which
+    shared.limits counts on); one copy however many keys."""
     data = {**envelope.data, **{key.name: _stored(value) for key, value in values.items()}}
+    for key in drop:
+        data.pop(key.name, None)
     return envelope.model_copy(update={"data": data})
 
 
@@ -64,9 +72,11 @@ def _stored(value: Any) -> Any:
 CONTEXT: DataKey[list[str]] = DataKey(
     "context", list[str], "passages retrieved for the input: set by the rag stage"
 )
-PROMPT: DataKey[str] = DataKey("prompt", str, "the prompt: set by the assemble stage")
+PROMPT: DataKey[str] = DataKey(
+    "prompt", str, "the prompt: set by the assemble stage, removed by the inference stage"
+)
 COMPLETION: DataKey[str] = DataKey(
-    "completion", str, "the model's answer: set by the inference stage"
+    "completion", str, "the model's answer: set by the inference stage, removed by post"
 )
 OUTPUT: DataKey[str] = DataKey("output", str, "the answer, cleaned: set by the post stage")
 USAGE: DataKey[Usage] = DataKey(

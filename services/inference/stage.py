@@ -1,4 +1,5 @@
-"""inference: the prompt's completion from a model (`data.completion`, `data.usage`)."""
+"""inference: the prompt's completion from a model (`data.completion`, `data.usage`), in
+place of the prompt."""
 
 import time
 from collections.abc import AsyncIterator
@@ -64,7 +65,8 @@ async def generate(router: ModelRouter, request: Envelope) -> AsyncIterator[Part
         else:  # RESTART: a stand-in starts the answer over
             pieces, started, first = [], time.monotonic(), None
             yield Partial("", restart=True)
-    yield write_all(request, {COMPLETION: "".join(pieces), USAGE: _usage(answered, started, first)})
+    answer = {COMPLETION: "".join(pieces), USAGE: _usage(answered, started, first)}
+    yield write_all(request, answer, drop=[PROMPT])  # answered: no later stage reads it
 
 
 def _usage(answered: Answered, started: float, first: float | None) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""post: the model's completion as the answer (`data.output`), its formatting kept.
+"""post: the model's completion as the answer (`data.output`, in place of the completion),
+its formatting kept.
 
 Special tokens a model may leave in its text (`<|im_end|>`, `<end_of_turn>`, `</s>`, ...) and
 control characters other than tabs and line breaks are removed, and the text is trimmed at
@@ -10,7 +11,7 @@ import re
 
 from pydantic import BaseModel, ConfigDict
 
-from shared.data import COMPLETION, OUTPUT
+from shared.data import COMPLETION, OUTPUT, write_all
 from shared.envelope import Envelope
 from shared.stage import Handler, StageContext, stage
 
@@ -42,6 +43,7 @@ def post(ctx: StageContext[Options]) -> Handler:
     special = ctx.options.special_tokens
 
     async def handle(request: Envelope) -> Envelope:
-        return OUTPUT.write(request, clean(COMPLETION.read(request), special))
+        return write_all(request, {OUTPUT: clean(COMPLETION.read(request), special)},
+                         drop=[COMPLETION])  # fmt: skip
 
     return handle

@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Iterable
 
+from shared.limits import check_limits
 from shared.runtime.loop import StageRuntime
 from shared.runtime.plan import plan_stage
 from shared.settings import Settings
@@ -66,7 +67,9 @@ class StageGroup:
         return next(rt for rt in self.runtimes if rt.name == stage)
 
     def start(self, bus: MessageBus) -> None:
-        """Start a runtime for every stage on `bus`."""
+        """Start a runtime for every stage on `bus` (ConfigError if a request accepted at the
+        intake might not fit the server's messages)."""
+        check_limits(self.settings.max_message_bytes, bus.max_payload)
         self.runtimes = [
             StageRuntime(plan, self.settings, self.topology, bus, instance_id(plan.stage.name))
             for plan in self.plans

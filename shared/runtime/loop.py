@@ -79,7 +79,9 @@ class StageRuntime:
         graph = topology.graph
         self._channels = {name: graph[name].channel for name in self.stage.route.targets}
         """The channel of each stage this one's output may go to."""
-        self._max_bytes = settings.max_message_bytes
+        # A client's request is held to the intake's limit; later, a message has grown by what
+        # stages added (shared.limits) and only the server's limit applies.
+        self._max_bytes = settings.max_message_bytes if self._from_client else bus.max_payload
         self._stopping = asyncio.Event()
         self._inflight: dict[Delivery, float] = {}
         self.affinity: Affinity | None = None
@@ -383,8 +385,11 @@ class StageRuntime:
             subject = self._topology.result_subject(request.request_id)
         else:
             subject = self._topology.subject_for(self._channels[to], request.session_id)
-        await self._bus.publish(subject, payload, msg_id=f"{request.request_id}:{self.name}",
-                                headers=headers)  # fmt: skip
+        try:
+            await self._bus.publish(subject, payload, msg_id=f"{request.request_id}:{self.name}",
+                                    headers=headers)  # fmt: skip
+        except MessageTooLarge as exc:  # no retry makes it smaller
+            raise Reject(f"{self.name}'s output is too large to pass on: {exc}") from None
         return to
 
     def _notify(self, request: Envelope | None, outcome: Outcome) -> None:

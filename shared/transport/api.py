@@ -238,6 +238,11 @@ class MessageBus(Protocol):
 
     admin: Admin
 
+    @property
+    def max_payload(self) -> int:
+        """The largest message (with its headers) the server accepts."""
+        ...
+
     async def publish(
         self, subject: str, data: bytes, *, msg_id: str, headers: Mapping[str, str] | None = None
     ) -> int:

@@ -76,6 +76,11 @@ class Bus:
         await self.close()
 
     @property
+    def max_payload(self) -> int:
+        """The largest message (with its headers) the server accepts, from its INFO."""
+        return self._nc.max_payload
+
+    @property
     def connected_url(self) -> str:
         """The URL of the server this connection is attached to."""
         url = self._nc.connected_url

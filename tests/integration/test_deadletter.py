@@ -9,9 +9,11 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from shared.client import Client
 from shared.dlq import DeadLetterQueue, EntryFilter
-from shared.errors import Overloaded
+from shared.errors import Overloaded, RequestDeadLettered
 from shared.topology import COUNTERS, OUTCOMES, Topology
 from shared.transport.connection import Bus
 from tests.support import (
@@ -111,6 +113,20 @@ async def test_overload_sheds_with_reason_and_accounts_for_everything(nats_serve
     inference = next(s for s in status.stages if s.stage == "assemble")
     assert inference.dead_lettered == {"backpressure": len(shed)}
     assert all(mb < 200 for mb in rss.values()), rss
+
+    # A shed request's client is told so, from Python and from the command line.
+    client = await Client.connect(settings, nats_server.url)
+    try:
+        with pytest.raises(RequestDeadLettered) as told:
+            await client.result(shed[0].request_id, timeout=5)
+    finally:
+        await client.close()
+    assert (told.value.status, told.value.stage) == ("backpressure", "assemble")
+    assert told.value.dead_letter_seq == shed[0].seq and "is full" in told.value.error
+    done = subprocess.run([*orchestrator_command(), "result", shed[-1].request_id], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 3, done.stderr
+    assert "dead-lettered by assemble as backpressure" in done.stderr
 
 
 async def collect_ids(url, settings, n):

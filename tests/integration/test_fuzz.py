@@ -201,11 +201,12 @@ def readable_ids(payload: bytes) -> tuple[str | None, str | None]:
 def is_invalid(data: bytes, subject: str, topology: Topology) -> bool:
     """What the stages must conclude: invalid exactly when `decode` says so, when the message
     is not on its session's partition, or when a request at the intake sets stage fields."""
+    channel = subject.split(".")[1]
+    limit = MAX_BYTES if channel == "intake" else 1 << 20  # later: the server's max_payload
     try:
-        env = decode(data, Envelope, MAX_BYTES)
+        env = decode(data, Envelope, limit)
     except InvalidMessage:
         return True
-    channel = subject.split(".")[1]
     if subject != topology.subject_for(channel, env.session_id):
         return True
     return channel == "intake" and bool(env.data or env.hops)

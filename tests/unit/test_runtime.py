@@ -22,7 +22,14 @@ from shared.components import Context
 from shared.config import load_settings
 from shared.deadletter import Entry
 from shared.envelope import Envelope, Result, decode, encode, new_request
-from shared.errors import BusError, MessageTooLarge, Overloaded, SubjectTaken, TopologyError
+from shared.errors import (
+    BusError,
+    ConfigError,
+    MessageTooLarge,
+    Overloaded,
+    SubjectTaken,
+    TopologyError,
+)
 from shared.failure import Reject
 from shared.middleware import Call, CallNext, Middleware, Outcome, Output
 from shared.runtime import loop
@@ -95,6 +102,8 @@ def behave(ctx: Context[dict[str, Any]]) -> contextlib.AbstractAsyncContextManag
             await until(lambda: probe.count(text) > 1)
         if text.startswith("sleep "):
             await asyncio.sleep(float(text.split()[1]))
+        if text.startswith("grow ") and not last:  # add this many bytes for the next stage
+            return request.with_data(**{ctx.stage: "x" * int(text.split()[1])})
         if not last:
             return request.with_data(**{ctx.stage: True})
         return Result(request_id=request.request_id, session_id=request.session_id,
@@ -208,8 +217,9 @@ class Pipe:
         return request.request_id
 
     async def results(self) -> list[Result]:
-        """Every result stored, oldest first."""
-        return [decode(m.data, Result, 1 << 20) for m in await self.all(RESULTS, "*")]
+        """Every result stored, oldest first (not the outcomes of dead-lettered requests)."""
+        stored = await self.all(RESULTS, "*")
+        return [decode(m.data, Result, 1 << 20) for m in stored if b'"status":' not in m.data]
 
     async def dead_letters(self) -> list[Entry]:
         """Every dead-letter entry, oldest first."""
@@ -366,6 +376,45 @@ async def test_a_full_next_channel_dead_letters_as_backpressure(probe):
         assert probe.count("ok") == 1
         await until(lambda: held_is(pipe, "a", 0))
         assert await pipe.held("b") == 1
+
+
+async def test_limits_hold_a_request_at_the_intake_and_let_it_grow_after(probe):
+    settings = settings_for(probe, {"a": {}, "b": {}}, max_message_bytes=4096)
+    async with pipeline(settings) as pipe:
+        pipe.start()
+        grown = await pipe.publish("grow 20000")  # five times the intake's limit, after it
+        big = await pipe.publish("y" * 5000)
+        await until(pipe.results)
+        await until(pipe.dead_letters)
+        [result] = await pipe.results()
+        assert (result.request_id, result.output) == (grown, "done: grow 20000")
+        [entry] = await pipe.dead_letters()
+        assert (entry.reason, entry.stage, entry.request_id) == ("invalid", "a", big)
+        assert "over the limit of 4096" in entry.error
+
+
+async def test_an_output_over_the_servers_limit_is_dead_lettered_at_once(probe):
+    settings = settings_for(probe, {"a": {}, "b": {}})
+    async with pipeline(settings) as pipe:
+        pipe.start()
+        rid = await pipe.publish(f"grow {pipe.bus.max_payload}")
+        await until(pipe.dead_letters)
+        [entry] = await pipe.dead_letters()
+        assert (entry.reason, entry.stage, entry.request_id) == ("failed", "a", rid)
+        assert entry.error.startswith("Reject: a's output is too large to pass on: ")
+        assert "over the server's max_payload" in entry.error
+        assert probe.count(f"grow {pipe.bus.max_payload}") == 1  # no retry can make it fit
+
+
+async def test_an_intake_limit_the_server_cannot_carry_through_is_refused(probe):
+    settings = settings_for(probe, {"a": {}}, max_message_bytes=400 * 1024)
+    async with pipeline(settings) as pipe:
+        with pytest.raises(
+            ConfigError,
+            match=r"max_message_bytes is 409600, over a third of "
+            r"the server's max_payload \(1048576\).* at most 349525",
+        ):
+            pipe.start()
 
 
 async def test_the_keep_alive_holds_a_handler_that_outlives_ack_wait(probe):

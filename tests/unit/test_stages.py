@@ -74,17 +74,21 @@ async def test_each_stage_hands_on_by_name_in_data(settings):
     assert len(CONTEXT.read(env)) == 2 and "dead-letter" in CONTEXT.read(env)[0]
     async with handler_of(settings, "assemble", template="{context}|{input}") as assemble:
         env = await assemble(env)
-    assert PROMPT.read(env).endswith("|dead-letter stream reason")
+    prompt = PROMPT.read(env)
+    assert prompt.endswith("|dead-letter stream reason")
     async with handler_of(settings, "inference") as inference:
         env = await inference(env)
         pieces = inference.pieces
-    assert COMPLETION.read(env) == PROMPT.read(env)  # the echo worker
-    assert "".join(p.text for p in pieces) == COMPLETION.read(env)  # as it was generated
+    completion = COMPLETION.read(env)
+    assert completion == prompt  # the echo worker
+    assert "".join(p.text for p in pieces) == completion  # as it was generated
+    assert "prompt" not in env.data  # no later stage reads it: it is not carried on
     usage = USAGE.read(env)
     assert (usage.model, usage.pool, usage.fallback) == ("echo", "default", False)
     async with handler_of(settings, "post") as post:
         env = await post(env)
-    assert OUTPUT.read(env) == COMPLETION.read(env).strip()
+    assert OUTPUT.read(env) == completion.strip()
+    assert sorted(env.data) == ["context", "output", "usage"]
 
 
 async def test_rag_with_corpus_file(tmp_path, settings):
