@@ -176,7 +176,11 @@ def _problems(exc: ValidationError, entry: str | None) -> list[Problem]:
                 problems.append(Problem(".".join(path), f"moved: set {target} ({MOVED[loc[0]]})"))
             continue
         got = f" (got {value!r})" if isinstance(value, str | int | float | bool) else ""
-        message = f"{error['msg']}{got}".replace("\n", " ")
+        if error["type"] == "value_error":  # our own validators' words, without pydantic's prefix
+            message = f"{error['ctx']['error']}{got}"
+        else:
+            message = f"{error['msg']}{got}"
+        message = message.replace("\n", " ")
         problems.append(Problem(".".join(loc) or "(top level)", message))
     return problems
 

@@ -42,6 +42,10 @@ class TopologyError(BusError):
     """A stream or consumer exists with a configuration that cannot be brought in line."""
 
 
+class NoSuchStream(BusError):
+    """A stream the call needs does not exist (nothing declared the pipeline on this server)."""
+
+
 class SubjectTaken(TopologyError):
     """Another consumer of a work-queue stream still holds a subject (a partition) we want."""
 

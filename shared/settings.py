@@ -24,6 +24,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from shared.urls import server_list
+
 ENV_PREFIX = "ORCH_"
 REFERENCE = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$"
 """`package.module:name`, how the pipeline file names a factory."""
@@ -188,6 +190,11 @@ class Settings(BaseSettings):
     tokens: TokensSettings = TokensSettings()
     dead_letter: DeadLetterSettings = DeadLetterSettings()
     affinity: AffinitySettings = AffinitySettings()
+
+    @field_validator("nats_url")
+    @classmethod
+    def _servers(cls, value: str | None) -> str | None:
+        return None if value is None else ",".join(server_list(value))
 
     @classmethod
     def settings_customise_sources(

@@ -1,8 +1,88 @@
-"""Argument types and the options every command takes, shared by the command modules."""
+"""Argument types and the options every command takes, shared by the command modules.
+
+Every value a flag gives is checked as the argument is read, before anything connects: a bad
+one is a usage error (exit 2) that names the argument, on one line.
+"""
 
 import argparse
 import math
+import re
+import sys
+import time
+from datetime import datetime
 from pathlib import Path
+from typing import NoReturn
+
+from shared.envelope import REQUEST_ID_PATTERN, SESSION_ID_MAX, MetaValue
+from shared.urls import server_list
+
+_REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line: what is wrong, and where help is.
+
+    (The usage text argparse prints first would bury the line that matters.)
+    """
+
+    def error(self, message: str) -> NoReturn:
+        """Print `<prog>: error: <message> (see <prog> --help)` and exit 2."""
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def session_id(text: str) -> str:
+    """An argparse type: a session id, 1 to SESSION_ID_MAX characters."""
+    if not 0 < len(text) <= SESSION_ID_MAX:
+        raise argparse.ArgumentTypeError(
+            f"a session id has 1 to {SESSION_ID_MAX} characters, got {len(text)}"
+        )
+    return text
+
+
+def request_id(text: str) -> str:
+    """An argparse type: a request id (letters, digits, `_` and `-`; 1 to 128)."""
+    if not _REQUEST_ID.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"a request id has 1 to 128 letters, digits, '_' or '-', got {text!r}"
+        )
+    return text
+
+
+def meta_pair(text: str) -> tuple[str, MetaValue]:
+    """An argparse type: `KEY=VALUE`, one metadata entry (the value is a string)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"wants KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def parse_time(text: str, now: float | None = None) -> float:
+    """`90s`, `15m`, `2h`, `7d` ago; an ISO-8601 time; or unix seconds."""
+    now = time.time() if now is None else now
+    if m := _DURATION.match(text):
+        return now - float(m.group(1)) * _UNITS[m.group(2)]
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"cannot read time {text!r}: use 15m, 2h, 7d, an ISO-8601 time or unix seconds"
+        ) from None
+    return parsed.timestamp()
+
+
+def nats_url(text: str) -> str:
+    """An argparse type: one NATS server URL or several, comma-separated."""
+    try:
+        return ",".join(server_list(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def positive_float(text: str) -> float:
@@ -56,12 +136,15 @@ def _whole(text: str) -> int:
 
 def global_options(default: object = None) -> argparse.ArgumentParser:
     """The options every command takes, before or after its name (`demo --nats-url ...`)."""
-    p = argparse.ArgumentParser(add_help=False)
+    p = Parser(add_help=False)
     p.add_argument(
         "--config", type=Path, default=default, help="pipeline TOML file (default: $ORCH_CONFIG)"
     )
     p.add_argument(
-        "--nats-url", default=default, help="NATS server URL (overrides environment and config)"
+        "--nats-url",
+        type=nats_url,
+        default=default,
+        help="NATS server URL, or several comma-separated (overrides environment and config)",
     )
     p.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
     return p

@@ -9,12 +9,16 @@ from pathlib import Path
 
 from shared.app import commands, operate
 from shared.app.args import (
+    Parser,
     command,
     global_options,
+    meta_pair,
     non_negative_float,
     port_number,
     positive_float,
     positive_int,
+    request_id,
+    session_id,
 )
 from shared.app.compose import add_compose_command, run_compose
 from shared.app.load import load
@@ -35,7 +39,7 @@ port is free.
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="orchestrator",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -138,10 +142,17 @@ def _parser() -> argparse.ArgumentParser:
     ):
         cmd = command(sub, name, help_text, description)
         cmd.add_argument("text", help="the request's input text")
-        cmd.add_argument("--session", required=True, help="session id (any string)")
-        cmd.add_argument("--request-id", help="request id (default: generated)")
         cmd.add_argument(
-            "--meta", action="append", default=[], metavar="KEY=VALUE", help="metadata, repeatable"
+            "--session", type=session_id, required=True, help="session id (any string)"
+        )
+        cmd.add_argument("--request-id", type=request_id, help="request id (default: generated)")
+        cmd.add_argument(
+            "--meta",
+            type=meta_pair,
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="metadata, repeatable",
         )
         cmd.add_argument(
             "--ttl", type=positive_float, help="deadline: seconds from now (default: none)"
@@ -165,7 +176,7 @@ def _parser() -> argparse.ArgumentParser:
         "default); with --timeout, wait up to that many seconds for it. Exits 1 if there is "
         "no result, with or without waiting.",
     )
-    result.add_argument("request_id")
+    result.add_argument("request_id", type=request_id)
     result.add_argument(
         "--timeout", type=non_negative_float, default=0.0, help="seconds to wait (default 0)"
     )

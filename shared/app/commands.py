@@ -16,7 +16,7 @@ import orjson
 from shared.app.natsserver import EmbeddedNats, port_is_free
 from shared.app.process import DEFAULT_URL, check_health, serve
 from shared.client import Client
-from shared.envelope import MetaValue, Result
+from shared.envelope import Result
 from shared.errors import ConfigError, RequestDeadLettered, ResultTimeout
 from shared.runtime.group import declare
 from shared.settings import Settings
@@ -157,20 +157,10 @@ async def server(args: argparse.Namespace, settings: Settings) -> int:
         nats_server.cleanup()  # only a store it created itself
 
 
-def _metadata(pairs: list[str]) -> dict[str, MetaValue]:
-    out: dict[str, MetaValue] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--meta wants KEY=VALUE, got {pair!r}")
-        out[key] = value
-    return out
-
-
 def _request_options(args: argparse.Namespace) -> dict[str, Any]:
     """The options `publish` and `ask` share: metadata, request id, deadline."""
     return {
-        "metadata": _metadata(args.meta),
+        "metadata": dict(args.meta),
         "request_id": args.request_id,
         "deadline": time.time() + args.ttl if args.ttl is not None else None,
     }

@@ -2,45 +2,29 @@
 
 import argparse
 import asyncio
-import re
 import sys
-import time
 from datetime import datetime
 
 import orjson
 
-from shared.app.args import SUBCOMMAND_OPTIONS, positive_float, positive_int
+from shared.app.args import (
+    SUBCOMMAND_OPTIONS,
+    parse_time,
+    positive_float,
+    positive_int,
+    request_id,
+    session_id,
+)
 from shared.app.commands import url_of
 from shared.deadletter import Entry
 from shared.dlq import DeadLetterQueue, EntryFilter
-from shared.errors import ConfigError
+from shared.errors import ConfigError, NoSuchStream
 from shared.failure import Reason
 from shared.settings import Settings
 from shared.status import format_status, read_status
-from shared.topology import Topology
+from shared.topology import DLQ, Topology
 from shared.transport.api import MessageBus
 from shared.transport.connection import Bus
-
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_time(text: str, now: float | None = None) -> float:
-    """`90s`, `15m`, `2h`, `7d` ago; an ISO-8601 time; or unix seconds."""
-    now = time.time() if now is None else now
-    if m := _DURATION.match(text):
-        return now - float(m.group(1)) * _UNITS[m.group(2)]
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        raise ConfigError(
-            f"cannot read time {text!r}: use 15m, 2h, 7d, an ISO-8601 time or unix seconds"
-        ) from None
-    return parsed.timestamp()
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -70,13 +54,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     def filters(p: argparse.ArgumentParser) -> None:
         p.add_argument("--stage", help="only entries from this stage")
         p.add_argument("--reason", choices=[r.value for r in Reason], help="only this reason")
-        p.add_argument("--session", help="only this session id")
-        p.add_argument("--request-id", help="only this request id")
-        p.add_argument("--since", metavar="T", help="failed at or after T: ISO-8601, unix "
-                       "time, or a duration meaning that long ago (--since 2h: in the last "
-                       "two hours)")  # fmt: skip
-        p.add_argument("--until", metavar="T", help="failed before T, as --since (--until 7d: "
-                       "more than seven days ago)")  # fmt: skip
+        p.add_argument("--session", type=session_id, help="only this session id")
+        p.add_argument("--request-id", type=request_id, help="only this request id")
+        p.add_argument(
+            "--since",
+            type=parse_time,
+            metavar="T",
+            help="failed at or after T: ISO-8601, unix time, or a duration meaning that long "
+            "ago (--since 2h: in the last two hours)",
+        )
+        p.add_argument(
+            "--until",
+            type=parse_time,
+            metavar="T",
+            help="failed before T, as --since (--until 7d: more than seven days ago)",
+        )
         p.add_argument("--limit", type=positive_int, help="at most this many entries")
 
     ls = ops.add_parser(
@@ -129,8 +121,8 @@ def _filter(args: argparse.Namespace) -> EntryFilter:
         reason=args.reason,
         session=args.session,
         request_id=args.request_id,
-        since=parse_time(args.since) if args.since else None,
-        until=parse_time(args.until) if args.until else None,
+        since=args.since,
+        until=args.until,
     )
 
 
@@ -186,6 +178,12 @@ async def with_bus(args: argparse.Namespace, settings: Settings) -> int:
         if args.command == "status":
             return await run_status(args, Topology(settings), bus)
         return await run_dlq(args, Topology(settings), bus)
+    except NoSuchStream as exc:
+        raise ConfigError(
+            f"{exc}: no pipeline with stream prefix {settings.stream_prefix!r} on "
+            f"{url_of(settings)} yet (stages create their streams when they start; or run "
+            "`orchestrator declare`)"
+        ) from None
     finally:
         await bus.close()
 
@@ -225,6 +223,7 @@ async def run_dlq(args: argparse.Namespace, topology: Topology, bus: MessageBus)
     flt = _filter(args)
     if op == "ls":
         count = 0
+        await bus.admin.stream_state(topology.stream_name(DLQ))  # NoSuchStream before a heading
         if not args.json:
             print(
                 f"{'seq':>7}  {'failed at':<19}  {'stage':<9} {'reason':<12} {'request':<32}  error"

@@ -40,12 +40,13 @@ class Bus:
     ) -> "Bus":
         """Connect to `url`, retrying for up to `wait` seconds; reconnects forever afterwards."""
         events = _ConnectionEvents(url)
+        servers = [part.strip() for part in url.split(",")]  # a cluster: any of them will do
         try:
             # With unlimited reconnects nats-py retries a failing first connect forever too,
             # so the overall wait is bounded here.
             nc = await asyncio.wait_for(
                 nats.connect(
-                    url,
+                    servers,
                     name=name,
                     connect_timeout=2,
                     allow_reconnect=True,

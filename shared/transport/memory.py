@@ -44,7 +44,14 @@ from dataclasses import dataclass, fields
 
 import orjson
 
-from shared.errors import BusError, MessageTooLarge, Overloaded, SubjectTaken, TopologyError
+from shared.errors import (
+    BusError,
+    MessageTooLarge,
+    NoSuchStream,
+    Overloaded,
+    SubjectTaken,
+    TopologyError,
+)
 from shared.transport.api import (
     MSG_ID,
     ConsumerSpec,
@@ -404,7 +411,7 @@ class _Server:
     def stream(self, name: str, what: str) -> _Stream:
         found = self.streams.get(name)
         if found is None:
-            raise BusError(f"{what}: stream not found")
+            raise NoSuchStream(f"{what}: stream not found")
         return found
 
     def shutdown(self) -> None:

@@ -6,11 +6,12 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 
-from shared.errors import BusError, SubjectTaken, TopologyError
+from shared.errors import BusError, NoSuchStream, SubjectTaken, TopologyError
 
 STORE_FAILED = 10077
 """JetStream "store failed": the stream is full under discard=new."""
 NO_SUCH_MESSAGE = 10057
+NO_SUCH_STREAM = 10059
 FILTER_NOT_UNIQUE = 10100
 """Another consumer of a work-queue stream already has the subject."""
 
@@ -29,6 +30,8 @@ async def query(call: Awaitable[Any], what: str, missing: Any = RAISE) -> Any:
         gone = isinstance(exc, nats.js.errors.NotFoundError) or exc.err_code == NO_SUCH_MESSAGE
         if gone and missing is not RAISE:
             return missing
+        if exc.err_code == NO_SUCH_STREAM:
+            raise NoSuchStream(f"{what}: {exc.description}") from None
         raise BusError(f"{what}: {exc.description}") from None
     except nats.errors.Error as exc:
         raise BusError(f"{what}: {exc!r}") from None

@@ -39,6 +39,45 @@ def test_a_stage_started_with_a_bad_value_names_it_and_exits_2(nats_server):
     one_line_error(done, "ORCH_STAGES__RAG__BACKOFF: cannot parse '1,2'")
 
 
+BAD_FLAGS = [
+    (["ask", "hi", "--session", ""], "argument --session: a session id has 1 to 1024"),
+    (["ask", "hi", "--session", "s", "--request-id", "no spaces"], "argument --request-id"),
+    (["publish", "hi", "--session", "s", "--meta", "k"], "argument --meta: wants KEY=VALUE"),
+    (["result", "a/b"], "argument request_id: a request id has"),
+    (["dlq", "ls", "--since", "yesterday"], "argument --since: cannot read time 'yesterday'"),
+    (["dlq", "purge", "--until", "7 days"], "argument --until: cannot read time"),
+    (["dlq", "replay", "--session", ""], "argument --session"),
+    (["--nats-url", "http://localhost:4222", "status"], "argument --nats-url: not a NATS"),
+    (["status", "--nats-url", "nats://localhost:99999"], "argument --nats-url"),
+    (["up", "--instances", "0"], "argument --instances: must be >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize(("flags", "expected"), BAD_FLAGS)
+def test_a_bad_flag_is_one_line_naming_it_before_anything_connects(flags, expected):
+    # No server at all: a flag that was checked only after connecting would fail on that.
+    env = stage_env("nats://127.0.0.1:9")
+    done = subprocess.run([*orchestrator_command(), *flags], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.splitlines()
+    assert expected in line and line.startswith("orchestrator") and "--help" in line, line
+
+
+def test_a_bad_url_in_the_environment_and_an_empty_server_are_one_line(nats_server):
+    env = stage_env(nats_server.url, ORCH_NATS_URL="http://localhost:4222")
+    done = subprocess.run([*orchestrator_command(), "status"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "ORCH_NATS_URL: not a NATS server URL: 'http://localhost:4222'" in done.stderr
+    for command in (["status"], ["dlq", "ls"]):  # nothing declared on this server yet
+        done = subprocess.run([*orchestrator_command(), *command], cwd=ROOT,
+                              env=stage_env(nats_server.url), capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+        assert (done.returncode, done.stdout) == (2, ""), done.stderr
+        assert done.stderr.count("\n") == 1 and "run `orchestrator declare`" in done.stderr
+
+
 @pytest.mark.parametrize("command", [["status"], ["status", "--json"], ["validate"], ["compose"]])
 def test_a_closed_pipe_ends_the_command_quietly(nats_server, command):
     env = stage_env(nats_server.url)

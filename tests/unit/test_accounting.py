@@ -1,7 +1,7 @@
 """The accounting identity under replays and purges, without a server."""
 
 from shared.accounting import Snapshot, account
-from shared.app.operate import parse_time
+from shared.app.args import parse_time
 from shared.deadletter import Entry, entry_headers
 from shared.dlq import EntryFilter
 from shared.status import StageStatus, Status, format_status, verdict

@@ -117,5 +117,5 @@ def test_bad_limits_name_their_key(tmp_path):
     found = problems(tmp_path, "[stages.rag]\nconcurrency = 0\nbackoff = [-1]\n")
     assert found == [
         "stages.rag.concurrency: Input should be greater than or equal to 1 (got 0)",
-        "stages.rag.backoff: Value error, backoff delays must be >= 0",
+        "stages.rag.backoff: backoff delays must be >= 0",
     ]
