@@ -21,7 +21,7 @@ from shared.envelope import (
     encode,
     new_request,
 )
-from shared.errors import MessageTooLarge, RequestDeadLettered, ResultTimeout
+from shared.errors import MessageTooLarge, NoSuchStream, RequestDeadLettered, ResultTimeout
 from shared.settings import Settings
 from shared.topology import RESULTS, Topology
 from shared.transport.api import MessageBus
@@ -82,8 +82,12 @@ class Client:
                                deadline=deadline, stream=stream)  # fmt: skip
         return await self.publish_request(envelope)
 
-    async def publish_request(self, envelope: Request) -> str:
-        """Submit a prepared request; return its request id."""
+    async def publish_request(self, envelope: Request, wait: float | None = None) -> str:
+        """Submit a prepared request; return its request id.
+
+        While the intake stream does not exist yet (the stages are still starting), keep
+        trying for up to `wait` seconds (default: `publish_timeout`), then raise NoSuchStream.
+        """
         subject = self.topology.intake_subject(envelope.session_id)
         data = encode(envelope)
         limit = self.topology.settings.max_message_bytes
@@ -94,13 +98,19 @@ class Client:
             )
         trace_headers: dict[str, str] = {}
         propagate.inject(trace_headers)  # the caller's active trace, if any (W3C traceparent)
-        await self.bus.publish(
-            subject,
-            data,
-            msg_id=f"{envelope.request_id}:client",
-            headers=trace_headers or None,
-        )
-        return envelope.request_id
+        give_up = time.monotonic() + (self.settings.publish_timeout if wait is None else wait)
+        pause = 0.1
+        while True:
+            try:
+                await self.bus.publish(subject, data, msg_id=f"{envelope.request_id}:client",
+                                       headers=trace_headers or None)  # fmt: skip
+                return envelope.request_id
+            except NoSuchStream as exc:
+                if time.monotonic() + pause > give_up:
+                    raise NoSuchStream(f"{exc}, or start the pipeline's stages, which declare "
+                                       "it") from None  # fmt: skip
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
 
     async def ask(
         self,
@@ -133,7 +143,7 @@ class Client:
         they are generated, then the result (see `follow`)."""
         envelope = new_request(text, session_id, metadata=metadata, request_id=request_id,
                                deadline=deadline, stream=True)  # fmt: skip
-        await self.publish_request(envelope)
+        await self.publish_request(envelope, wait=timeout)
         async for item in self.follow(envelope.request_id, timeout=timeout):
             yield item
 
@@ -217,7 +227,7 @@ class Client:
         sub = await self.bus.subscribe(self.topology.result_subject(request_id))
         try:
             if to_publish is not None:
-                await self.publish_request(to_publish)
+                await self.publish_request(to_publish, wait=timeout)
             else:
                 found = await self.stored_result(request_id)
                 if found:

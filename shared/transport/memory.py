@@ -767,7 +767,7 @@ class MemoryBus:
         self.server.broadcast(subject, data, hdrs)
         stream = next((s for s in self.server.streams.values() if s.stores(subject)), None)
         if stream is None:
-            raise BusError(
+            raise NoSuchStream(
                 f"no stream stores {subject!r}: declare the topology (`orchestrator declare`)"
             )
         seq = stream.store(subject, data, hdrs)

@@ -18,7 +18,7 @@ import orjson
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from shared.errors import BusError, MessageTooLarge, Overloaded, PublishTimeout
+from shared.errors import BusError, MessageTooLarge, NoSuchStream, Overloaded, PublishTimeout
 from shared.transport.api import MSG_ID
 from shared.transport.translate import STORE_FAILED
 
@@ -113,7 +113,7 @@ class Publisher:
 def _stored_seq(subject: str, answer: Msg) -> int:
     """The stream sequence from a publish ack, or the error it reports."""
     if not answer.data and answer.headers and answer.headers.get("Status") == "503":
-        raise BusError(  # no responders: no stream listens on the subject
+        raise NoSuchStream(  # no responders: no stream listens on the subject
             f"no stream stores {subject!r}: declare the topology (`orchestrator declare`)"
         )
     try:
