@@ -95,8 +95,9 @@ async def members_by_stage(bus: MessageBus, topology: Topology) -> dict[str, dic
     """stage -> instance -> owned partitions, from the instances' announcements."""
     settings = topology.settings
     kv = await bus.key_value(
-        topology.members_bucket(), ttl=settings.affinity.failover_after, storage=settings.storage
-    )
+        topology.members_bucket(), ttl=settings.affinity.failover_after, storage=settings.storage,
+        replicas=settings.replicas,
+    )  # fmt: skip
     out: dict[str, dict[str, list[int]]] = {}
     for value in (await kv.items("")).values():
         data = orjson.loads(value)

@@ -89,8 +89,9 @@ class Affinity:
         """Join: announce, learn the others, take this instance's partitions."""
         s = self._settings
         self._kv = await self._bus.key_value(
-            self._topology.members_bucket(), ttl=self._cfg.failover_after, storage=s.storage
-        )
+            self._topology.members_bucket(), ttl=self._cfg.failover_after, storage=s.storage,
+            replicas=s.replicas,
+        )  # fmt: skip
         await self.attempts.open()
         self._sub = await self._bus.subscribe(self._kv.subject(f"{self.stage.name}.*"))
         now = time.monotonic()

@@ -70,8 +70,9 @@ class AttemptLog:
     async def open(self) -> None:
         """Create (or bind to) the bucket."""
         self._kv = await self._bus.key_value(
-            self._bucket, ttl=RECORD_TTL, storage=self._settings.storage
-        )
+            self._bucket, ttl=RECORD_TTL, storage=self._settings.storage,
+            replicas=self._settings.replicas,
+        )  # fmt: skip
 
     def prior(self, seq: int, headers: Mapping[str, str]) -> Prior | None:
         """What the message at `seq` went through before the current consumer, if anything."""

@@ -180,6 +180,10 @@ class KeyValue(Protocol):
         """Whether `key` holds a live value."""
         ...
 
+    async def get(self, key: str) -> bytes | None:
+        """The live value of `key`, or None."""
+        ...
+
     async def items(self, prefix: str) -> dict[str, bytes]:
         """Every live key starting with `prefix`, with its value."""
         ...
@@ -263,8 +267,8 @@ class MessageBus(Protocol):
         """A continuous pull from the durable consumer of `spec`."""
         ...
 
-    async def key_value(self, bucket: str, ttl: float, storage: str) -> KeyValue:
-        """Create (or bind to) a key-value bucket."""
+    async def key_value(self, bucket: str, ttl: float, storage: str, replicas: int = 1) -> KeyValue:
+        """Create (or bind to) a key-value bucket, stored on `replicas` servers of a cluster."""
         ...
 
     async def subscribe(self, subject: str) -> Subscription:

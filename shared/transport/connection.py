@@ -138,9 +138,11 @@ class Bus:
         """A continuous pull from the durable consumer of `spec` (see JetStreamPuller)."""
         return await open_puller(self._nc, spec, largest)
 
-    async def key_value(self, bucket: str, ttl: float, storage: str) -> JetStreamKeyValue:
+    async def key_value(
+        self, bucket: str, ttl: float, storage: str, replicas: int = 1
+    ) -> JetStreamKeyValue:
         """Create (or bind to) a key-value bucket whose entries expire `ttl` s after a put."""
-        return await open_bucket(self._js, bucket, ttl, storage)
+        return await open_bucket(self._js, bucket, ttl, storage, replicas)
 
     async def subscribe(self, subject: str) -> CoreSubscription:
         """Subscribe to `subject` with core NATS (no persistence; see `watch` for streams)."""

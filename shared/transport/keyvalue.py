@@ -10,10 +10,12 @@ from shared.errors import BusError
 
 
 async def open_bucket(
-    js: JetStreamContext, bucket: str, ttl: float, storage: str
+    js: JetStreamContext, bucket: str, ttl: float, storage: str, replicas: int = 1
 ) -> "JetStreamKeyValue":
-    """Create (or bind to) a bucket whose entries expire `ttl` seconds after a put."""
-    config = api.KeyValueConfig(bucket=bucket, history=1, ttl=ttl, storage=api.StorageType(storage))
+    """Create (or bind to) a bucket whose entries expire `ttl` seconds after a put, stored on
+    `replicas` servers of a cluster."""
+    config = api.KeyValueConfig(bucket=bucket, history=1, ttl=ttl,
+                                storage=api.StorageType(storage), replicas=replicas)  # fmt: skip
     try:
         try:
             kv = await js.create_key_value(config=config)
@@ -61,13 +63,17 @@ class JetStreamKeyValue:
 
     async def exists(self, key: str) -> bool:
         """Whether `key` holds a live value."""
+        return await self.get(key) is not None
+
+    async def get(self, key: str) -> bytes | None:
+        """The live value of `key`, or None."""
         try:
             entry = await self._kv.get(key)
-        except nats.js.errors.KeyNotFoundError:
-            return False
+        except nats.js.errors.KeyNotFoundError:  # also a deleted or purged key
+            return None
         except nats.errors.Error as exc:
             raise BusError(f"get {self.bucket}/{key}: {exc}") from None
-        return entry.value is not None
+        return entry.value
 
     async def items(self, prefix: str) -> dict[str, bytes]:
         """Every live key starting with `prefix`, with its value."""

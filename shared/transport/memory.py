@@ -591,6 +591,11 @@ class MemoryKeyValue:
         self._conn.check_open()
         return self._store.live(key) is not None
 
+    async def get(self, key: str) -> bytes | None:
+        """The live value of `key`, or None."""
+        self._conn.check_open()
+        return self._store.live(key)
+
     async def items(self, prefix: str) -> dict[str, bytes]:
         """Every live key starting with `prefix`, with its value."""
         self._conn.check_open()
@@ -796,8 +801,10 @@ class MemoryBus:
         self.check_open()
         return MemoryPuller(self, spec.stream, spec.durable)
 
-    async def key_value(self, bucket: str, ttl: float, storage: str) -> MemoryKeyValue:
-        """Create (or bind to, keeping its ttl) a key-value bucket."""
+    async def key_value(
+        self, bucket: str, ttl: float, storage: str, replicas: int = 1
+    ) -> MemoryKeyValue:
+        """Create (or bind to, keeping its ttl) a key-value bucket (one server: no replicas)."""
         self.check_open()
         store = self.server.buckets.setdefault(bucket, _Bucket(ttl))
         return MemoryKeyValue(self, bucket, store)
