@@ -21,6 +21,10 @@ DELIVERED = "Orch-Delivered"
 FAILED_AT = "Orch-Failed-At"
 REQUEST_ID = "Orch-Request-Id"
 SESSION_ID = "Orch-Session-Id"
+REPLAY_OF = "Orch-Replay-Of"
+"""Header on a replayed message, and on every output made from it: the sequence of the
+dead-letter entry it came from. Stages add it to their outputs' message ids, so that a replay
+never collides with what the first run stored under those ids."""
 TRUNCATED = "Orch-Truncated"
 """Set (to the original size) when a payload too large to store was cut to fit."""
 TRACEPARENT = "traceparent"

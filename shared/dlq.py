@@ -22,9 +22,6 @@ from shared.errors import OrchestratorError, Overloaded
 from shared.topology import COUNTERS, DLQ, Topology
 from shared.transport.api import MessageBus
 
-REPLAY_OF = "Orch-Replay-Of"
-"""Header on a replayed message: the sequence of the dead-letter entry it came from."""
-
 
 @dataclass(frozen=True)
 class EntryFilter:
@@ -171,7 +168,7 @@ class DeadLetterQueue:
 
     async def _replay_one(self, entry: Entry) -> None:
         channel = self._channel_of(entry)
-        headers = {REPLAY_OF: str(entry.seq)}
+        headers = {deadletter.REPLAY_OF: str(entry.seq)}
         for key in (deadletter.TRACEPARENT, deadletter.TRACESTATE):
             if key in entry.headers:
                 headers[key] = entry.headers[key]

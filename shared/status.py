@@ -144,6 +144,11 @@ def verdict(status: Status) -> tuple[str, list[str]]:
         "messages published straight to stage subjects, not through the intake, "
         "are not counted as accepted"
     )
+    lines.append(
+        "a request that ended in two places: redelivered after a fault that outlasted "
+        "duplicate_window, or replayed from the dead-letter stream after it had completed "
+        "(`orchestrator result` on the ids `dlq ls` lists finds them)"
+    )
     return f"NOT balanced: {a.surplus} more than accepted", lines
 
 

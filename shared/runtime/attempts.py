@@ -20,6 +20,12 @@ nothing under way, records them as one closed failure (they were waiting for a r
 
 Only messages with a record ("suspects") cost anything; for every other message the check is
 a dictionary lookup.
+
+The same bucket keeps each dead-letter decision while it is carried out, under
+`=<stage>.<stream sequence>` (no stage name has `=`): written before the entry is stored,
+deleted after the input is acked. A message redelivered after a crash in between finds it and
+is dead-lettered the same way again (the entry and the outcome are stored once, by message
+id), instead of being handled afresh and perhaps completed: one outcome per request.
 """
 
 import logging
@@ -115,6 +121,35 @@ class AttemptLog:
         except BusError as exc:  # the record expires by itself; a stale one only costs a lookup
             log.debug("could not delete attempt record %s: %s", seq, exc)
 
+    async def deciding(self, seq: int, headers: Mapping[str, str], reason: str, error: str) -> int:
+        """Record, before it is carried out, that the message at `seq` is dead-lettered with
+        `reason` and `error`; returns 0."""
+        decision = {"id": headers.get(MSG_ID, ""), "reason": reason, "error": error}
+        await self._store().put(self._decision_key(seq), orjson.dumps(decision))
+        return 0
+
+    async def decided(self, seq: int, headers: Mapping[str, str]) -> tuple[str, str] | None:
+        """The reason and error the message at `seq` was being dead-lettered with, if a
+        decision for it (the same message, by its id) is on record."""
+        raw = await self._store().get(self._decision_key(seq))
+        if raw is None:
+            return None
+        try:
+            found = orjson.loads(raw)
+            if found["id"] != headers.get(MSG_ID, ""):
+                return None  # a record left over from a purged stream's message
+            return str(found["reason"]), str(found["error"])
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            log.warning("ignoring malformed decision %s=%r", self._decision_key(seq), raw)
+            return None
+
+    async def carried_out(self, seq: int) -> None:
+        """Forget the decision on `seq`: its message is acked. Best effort."""
+        try:
+            await self._store().delete(self._decision_key(seq))
+        except BusError as exc:  # it expires by itself; only a redelivery would read it
+            log.debug("could not delete decision %s: %s", seq, exc)
+
     def retrying(self, seq: int, headers: Mapping[str, str], failures: int) -> None:
         """Note that the message at `seq` failed `failures` attempts and waits for a retry."""
         self._retrying[seq] = (headers.get(MSG_ID, ""), failures)
@@ -158,6 +193,9 @@ class AttemptLog:
 
     def _key(self, seq: int) -> str:
         return f"{self._prefix}{seq}"
+
+    def _decision_key(self, seq: int) -> str:
+        return f"={self._prefix}{seq}"
 
     def _store(self) -> KeyValue:
         if self._kv is None:

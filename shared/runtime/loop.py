@@ -17,15 +17,33 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 from shared import deadletter
 from shared.components import Context, open_component
-from shared.envelope import DeadLettered, Envelope, Hop, Result, decode, encode, peek_ids
-from shared.errors import BusError, ConfigError, InvalidMessage, MessageTooLarge
-from shared.failure import Abandoned, DeadLetter, Expired, Reject, Retry, decide, describe
+from shared.envelope import (
+    DeadLettered,
+    Envelope,
+    Hop,
+    Result,
+    decode,
+    decode_answer,
+    encode,
+    peek_ids,
+)
+from shared.errors import BusError, ConfigError, InvalidMessage, MessageTooLarge, Overloaded
+from shared.failure import (
+    Abandoned,
+    DeadLetter,
+    Expired,
+    Reason,
+    Reject,
+    Retry,
+    decide,
+    describe,
+)
 from shared.gate import Gate
 from shared.graph import INTAKE
 from shared.middleware import Call, CallNext, Middleware, Outcome, Output, compose, observers
@@ -37,10 +55,11 @@ from shared.runtime.tokens import TokenStream
 from shared.runtime.tracing import Tracing
 from shared.settings import Settings
 from shared.stage import Partial
-from shared.topology import OUTCOMES, Topology
-from shared.transport.api import Delivery, MessageBus
+from shared.topology import OUTCOMES, RESULTS, Topology
+from shared.transport.api import VOID, Delivery, MessageBus
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FETCH_WAIT = 1.0
 """Longest the loop waits for a message; also bounds how long a stop takes to be noticed."""
@@ -270,6 +289,9 @@ class StageRuntime:
                 await asyncio.shield(affinity.leave(under_way=cut_off))
 
     async def _process(self, delivery: Delivery) -> None:
+        if VOID in delivery.headers:  # a stage before this one dead-lettered the request
+            await delivery.ack()
+            return
         received = time.time()
         self._inflight[delivery] = received
         attempts = self._attempts
@@ -327,9 +349,12 @@ class StageRuntime:
         holds what earlier consumers recorded for a suspect.
         """
         request: Envelope | None = None
+        suspect = delivery.delivered > 1 or prior is not None  # it may have been handled
         try:
             request = decode(delivery.data, Envelope, self._max_bytes)
             self._check_place(request, delivery.subject)
+            if suspect and (decided := await self._decided(delivery)) is not None:
+                return await self._dead_letter(delivery, request, decided, attempt, repeat=True)
             if prior is not None and prior.losses >= self._cfg.max_deliver:
                 raise Abandoned(
                     f"cut off {prior.losses} times (at most {self._cfg.max_deliver}): the "
@@ -347,7 +372,7 @@ class StageRuntime:
                         delivery.headers, received)  # fmt: skip
             assert self._chain is not None
             output = await self._chain(call)
-            to = await self._forward(request, output, received, call.carry)
+            to = await self._forward(request, output, received, call.carry, delivery.headers)
             await delivery.ack()
             if delivery.delivered > 1 and self._attempts is not None:
                 self._attempts.done(delivery.stream_seq)  # a retry that succeeded
@@ -355,10 +380,17 @@ class StageRuntime:
                 self._notify(request, Outcome("forwarded", time.time() - received, to=to))
             return True
         except Exception as exc:  # any failure becomes a retry or a dead letter, never a crash
-            return await self._settle_failure(delivery, request, exc, attempt, prior, received)
+            return await self._settle_failure(
+                delivery, request, exc, attempt, prior, received, suspect
+            )
 
     async def _forward(
-        self, request: Envelope, output: object, received: float, headers: dict[str, str] | None
+        self,
+        request: Envelope,
+        output: object,
+        received: float,
+        carry: dict[str, str] | None,
+        received_headers: Mapping[str, str],
     ) -> str | None:
         """Publish the handler's output where it goes; return the next stage (None: result)."""
         if isinstance(output, Envelope):
@@ -385,9 +417,12 @@ class StageRuntime:
             subject = self._topology.result_subject(request.request_id)
         else:
             subject = self._topology.subject_for(self._channels[to], request.session_id)
+        headers = carry
+        if (replay := received_headers.get(deadletter.REPLAY_OF)) is not None:
+            headers = {**(carry or {}), deadletter.REPLAY_OF: replay}
+        msg_id = self._output_id(request, received_headers)
         try:
-            await self._bus.publish(subject, payload, msg_id=f"{request.request_id}:{self.name}",
-                                    headers=headers)  # fmt: skip
+            await self._bus.publish(subject, payload, msg_id=msg_id, headers=headers)
         except MessageTooLarge as exc:  # no retry makes it smaller
             raise Reject(f"{self.name}'s output is too large to pass on: {exc}") from None
         return to
@@ -408,6 +443,7 @@ class StageRuntime:
         attempt: int,
         prior: Prior | None,
         received: float,
+        suspect: bool,
     ) -> bool:
         """Retry or dead-letter after a failed attempt; True if the message left for good."""
         action = decide(exc, attempt, self._cfg.max_deliver, self._cfg.backoff)
@@ -425,7 +461,9 @@ class StageRuntime:
                     self._notify(request, outcome)
                 return False
             losses = prior.losses if prior is not None else 0
-            settled = await self._dead_letter(delivery, request, action, attempt + losses)
+            settled = await self._dead_letter(
+                delivery, request, action, attempt + losses, suspect=suspect
+            )
             if settled and self._observers:
                 outcome = Outcome("dead_lettered", time.time() - received,
                                   reason=action.reason.value, error=action.error)  # fmt: skip
@@ -454,9 +492,97 @@ class StageRuntime:
         if self._from_client and (request.data or request.hops):
             raise InvalidMessage("data, hops: written by the stages; a request may not set them")
 
+    async def _decided(self, delivery: Delivery) -> DeadLetter | None:
+        """The dead-letter decision an earlier attempt took on `delivery` and may not have
+        carried out (it crashed), if any. Raises BusError if the stage stops meanwhile."""
+        attempts = self._attempts
+        if attempts is None:
+            return None
+
+        async def read() -> tuple[tuple[str, str] | None]:
+            return (await attempts.decided(delivery.stream_seq, delivery.headers),)
+
+        found = await self._held(read, "reading the dead-letter decision")
+        if found is None:
+            raise BusError("stopping before the dead-letter decision could be read")
+        if found[0] is None:
+            return None
+        reason, error = found[0]
+        return DeadLetter(Reason(reason), error)
+
+    def _output_id(self, request: Envelope, received_headers: Mapping[str, str]) -> str:
+        """The message id of this stage's output for `request`: the same for every delivery
+        of one input, so the server stores one; a replay's is its own."""
+        replay = received_headers.get(deadletter.REPLAY_OF)
+        suffix = "" if replay is None else f":replay{replay}"
+        return f"{request.request_id}:{self.name}{suffix}"
+
+    async def _went_on(self, request: Envelope, received_headers: Mapping[str, str]) -> bool:
+        """Whether an earlier attempt passed `request` on (its output is stored).
+
+        Asked before dead-lettering a message that may have been handled before, so that a
+        request never ends in two places. For a last stage the result is looked up; otherwise
+        a void message with the output's id is published to every channel the output could
+        go to: the server refuses it as a duplicate exactly when the output was stored there
+        (within `duplicate_window`), and a stored one tells the next stage nothing came.
+        """
+        if self.stage.last:
+            results = self._topology.stream_name(RESULTS)
+            subject = self._topology.result_subject(request.request_id)
+            stored = await self._bus.admin.last_message(results, subject)
+            if stored is None:
+                return False
+            try:
+                return isinstance(decode_answer(stored.data, len(stored.data)), Result)
+            except InvalidMessage:
+                return False
+        msg_id = self._output_id(request, received_headers)
+        went = False
+        for channel in self._channels.values():
+            subject = self._topology.subject_for(channel, request.session_id)
+            try:
+                stored = await self._bus.publish_once(subject, b"", msg_id=msg_id,
+                                                      headers={VOID: self.name})  # fmt: skip
+            except Overloaded:  # not a duplicate (that is found first), so not passed on
+                continue
+            went = went or not stored
+        return went
+
     async def _dead_letter(
-        self, delivery: Delivery, request: Envelope | None, action: DeadLetter, attempt: int
+        self,
+        delivery: Delivery,
+        request: Envelope | None,
+        action: DeadLetter,
+        attempt: int,
+        *,
+        suspect: bool = False,
+        repeat: bool = False,
     ) -> bool:
+        """Store the dead-letter entry and the request's outcome, then ack; True if settled.
+
+        `suspect`: the message may have been handled before (it was delivered before), so
+        it is dead-lettered only if it did not go on then. `repeat`: carry out the decision an
+        earlier attempt recorded and may not have finished.
+        """
+        if suspect and not repeat and request is not None:
+            went_on = partial(self._went_on, request, delivery.headers)
+            gone = await self._held(went_on, "checking its output")
+            if gone is None:
+                await delivery.nak()
+                return False
+            if gone:
+                log.info("%s: %s was passed on before; not dead-lettering it (%s)",
+                         self.instance, request.request_id, action.error)  # fmt: skip
+                await delivery.ack()
+                if self._attempts is not None:
+                    self._attempts.done(delivery.stream_seq)
+                return True
+        if not repeat and self._attempts is not None:
+            decide_it = partial(self._attempts.deciding, delivery.stream_seq, delivery.headers,
+                                action.reason.value, action.error)  # fmt: skip
+            if await self._held(decide_it, "recording the dead-letter decision") is None:
+                await delivery.nak()
+                return False
         request_id, session_id = (
             (request.request_id, request.session_id) if request else peek_ids(delivery.data)
         )
@@ -506,6 +632,7 @@ class StageRuntime:
         await delivery.ack()
         if self._attempts is not None:
             self._attempts.done(delivery.stream_seq)
+            await self._attempts.carried_out(delivery.stream_seq)
         log.debug("%s: dead-lettered (%s): %s", self.instance, action.reason, action.error)
         return True
 
@@ -517,7 +644,7 @@ class StageRuntime:
         subject = self._topology.result_subject(outcome.request_id)
         return await self._bus.publish(subject, encode(outcome), msg_id=once)
 
-    async def _held(self, write: Callable[[], Awaitable[int]], what: str) -> int | None:
+    async def _held(self, write: Callable[[], Awaitable[T]], what: str) -> T | None:
         """Retry `write` with backoff until it succeeds; None if the stage is stopping first.
 
         A nak would spend one of the message's deliveries (on an attempt that never ran, or,

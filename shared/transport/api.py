@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 MSG_ID = "Nats-Msg-Id"
+VOID = "Orch-Void"
+"""Header of an empty message standing in a channel for an output that will never come (its
+value: the stage that dead-lettered the request): the receiving stage acks and skips it."""
 """The header JetStream deduplicates publishes by, within a stream's duplicate window."""
 
 
@@ -251,6 +254,13 @@ class MessageBus(Protocol):
         self, subject: str, data: bytes, *, msg_id: str, headers: Mapping[str, str] | None = None
     ) -> int:
         """Store a message and return its stream sequence (Overloaded when the stream is full)."""
+        ...
+
+    async def publish_once(
+        self, subject: str, data: bytes, *, msg_id: str, headers: Mapping[str, str] | None = None
+    ) -> bool:
+        """As `publish`; True if stored now, False if a message with `msg_id` was stored
+        before, within the stream's duplicate window."""
         ...
 
     async def increment(self, subject: str, by: int, *, msg_id: str) -> None:

@@ -32,6 +32,7 @@ class Bus:
         self.admin = JetStreamAdmin(nc.jsm())
         """Declaring and inspecting streams and consumers."""
         self.publish = self._publisher.publish
+        self.publish_once = self._publisher.publish_once
         self.closing = False
 
     @classmethod

@@ -180,10 +180,19 @@ class _Stream:
         """The first message at or after `seq` whose subject passes `match`."""
         return next((m for m in self.messages.values() if m.seq >= seq and match(m.subject)), None)
 
-    def store(self, subject: str, data: bytes, headers: dict[str, str]) -> int:
-        spec, now = self.spec, time.monotonic()
-        while self.ids and next(iter(self.ids.values()))[1] < now - spec.duplicate_window:
+    def seen(self, msg_id: str) -> bool:
+        """Whether a message with `msg_id` was stored within the duplicate window."""
+        self._forget_old_ids()
+        return msg_id in self.ids
+
+    def _forget_old_ids(self) -> None:
+        now = time.monotonic()
+        while self.ids and next(iter(self.ids.values()))[1] < now - self.spec.duplicate_window:
             del self.ids[next(iter(self.ids))]
+
+    def store(self, subject: str, data: bytes, headers: dict[str, str]) -> int:
+        spec = self.spec
+        self._forget_old_ids()
         msg_id = headers.get(MSG_ID)
         if msg_id and msg_id in self.ids:
             return self.ids[msg_id][0]
@@ -210,7 +219,7 @@ class _Stream:
         self.messages[self.last_seq] = _Message(self.last_seq, subject, data, headers, size)
         self.bytes += size
         if msg_id:
-            self.ids[msg_id] = (self.last_seq, now)
+            self.ids[msg_id] = (self.last_seq, time.monotonic())
         if (per_subject := _limit(spec.max_msgs_per_subject)) is not None:
             on_subject = [m.seq for m in self.messages.values() if m.subject == subject]
             for seq in on_subject[:-per_subject]:
@@ -763,6 +772,18 @@ class MemoryBus:
         A duplicate of a message id seen within the stream's duplicate window is not stored
         again: its original's sequence is returned.
         """
+        return (await self._publish(subject, data, msg_id, headers))[0]
+
+    async def publish_once(
+        self, subject: str, data: bytes, *, msg_id: str, headers: Mapping[str, str] | None = None
+    ) -> bool:
+        """As `publish`; True if stored now, False if `msg_id` was stored before (within the
+        stream's duplicate window)."""
+        return not (await self._publish(subject, data, msg_id, headers))[1]
+
+    async def _publish(
+        self, subject: str, data: bytes, msg_id: str, headers: Mapping[str, str] | None
+    ) -> tuple[int, bool]:
         self.check_open()
         hdrs = {MSG_ID: msg_id, **(headers or {})}
         size = len(data) + sum(len(k) + len(v) + 4 for k, v in hdrs.items()) + 12
@@ -775,9 +796,10 @@ class MemoryBus:
             raise NoSuchStream(
                 f"no stream stores {subject!r}: declare the topology (`orchestrator declare`)"
             )
+        duplicate = stream.seen(msg_id)
         seq = stream.store(subject, data, hdrs)
         await asyncio.sleep(0)  # the store's ack comes back after the message is stored
-        return seq
+        return seq, duplicate
 
     async def emit(
         self, subject: str, data: bytes, headers: Mapping[str, str] | None = None

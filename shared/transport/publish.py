@@ -63,6 +63,18 @@ class Publisher:
         Raises Overloaded when the stream is full, PublishTimeout when no ack came in time,
         MessageTooLarge when the message is over the server's max_payload.
         """
+        return _stored(subject, await self._send(subject, data, msg_id, headers))[0]
+
+    async def publish_once(
+        self, subject: str, data: bytes, *, msg_id: str, headers: Mapping[str, str] | None = None
+    ) -> bool:
+        """As `publish`; True if stored now, False if a message with `msg_id` was stored
+        before (within the stream's duplicate window)."""
+        return not _stored(subject, await self._send(subject, data, msg_id, headers))[1]
+
+    async def _send(
+        self, subject: str, data: bytes, msg_id: str, headers: Mapping[str, str] | None
+    ) -> Msg:
         hdrs = {MSG_ID: msg_id}
         if headers:
             hdrs.update(headers)
@@ -85,10 +97,9 @@ class Publisher:
                 raise BusError(f"publish to {subject} failed: {exc}") from None
             raise
         try:
-            answer = await acked
+            return await acked
         except PublishTimeout:
             raise PublishTimeout(f"no ack for publish to {subject}") from None
-        return _stored_seq(subject, answer)
 
     async def _receive(self, msg: Msg) -> None:
         entry = self._waiting.pop(msg.subject.removeprefix(self._prefix), None)
@@ -110,8 +121,9 @@ class Publisher:
                     future.set_exception(PublishTimeout("overdue"))
 
 
-def _stored_seq(subject: str, answer: Msg) -> int:
-    """The stream sequence from a publish ack, or the error it reports."""
+def _stored(subject: str, answer: Msg) -> tuple[int, bool]:
+    """The stream sequence from a publish ack and whether it was a duplicate, or the error
+    it reports."""
     if not answer.data and answer.headers and answer.headers.get("Status") == "503":
         raise NoSuchStream(  # no responders: no stream listens on the subject
             f"no stream stores {subject!r}: declare the topology (`orchestrator declare`)"
@@ -123,6 +135,6 @@ def _stored_seq(subject: str, answer: Msg) -> int:
             if error.get("err_code") == STORE_FAILED:
                 raise Overloaded(subject, error.get("description", ""))
             raise BusError(f"publish to {subject} failed: {error.get('description', error)}")
-        return int(reply["seq"])
+        return int(reply["seq"]), bool(reply.get("duplicate"))
     except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
         raise BusError(f"publish to {subject}: unreadable ack {answer.data[:200]!r}") from None

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import pytest
 
 from shared import deadletter
@@ -37,7 +38,7 @@ from shared.runtime.group import StageGroup, declare
 from shared.settings import Settings
 from shared.topology import DLQ, RESULTS, Topology
 from shared.transport.api import MSG_ID, ConsumerSpec, StreamSpec
-from shared.transport.memory import KV_OPERATION, MemoryBus
+from shared.transport.memory import KV_OPERATION, MemoryBus, MemoryDelivery
 
 HERE = "tests.unit.test_runtime"
 
@@ -89,9 +90,18 @@ def behave(ctx: Context[dict[str, Any]]) -> contextlib.AbstractAsyncContextManag
     async def handle(request: Envelope) -> Envelope | Result:
         text = request.input
         earlier = probe.count(text)
+        here = sum(1 for stage, t, _ in probe.calls if stage == ctx.stage and t == text)
         probe.calls.append((ctx.stage, text, time.monotonic()))
         if text == "reject":
             raise Reject("never")
+        if text.startswith("reject-once") and not here:
+            raise Reject("this time")
+        if text.startswith("reject-later") and here:
+            raise Reject("not any more")
+        if text.startswith("fail-then-reject"):
+            if here:
+                raise Reject("now for good")
+            raise RuntimeError("broken for now")
         if text == "fail" or (text == "fail-once" and not earlier):
             raise RuntimeError("broken")
         if text == "block":
@@ -415,6 +425,77 @@ async def test_an_intake_limit_the_server_cannot_carry_through_is_refused(probe)
             r"the server's max_payload \(1048576\).* at most 349525",
         ):
             pipe.start()
+
+
+@pytest.fixture
+def lost_acks(monkeypatch) -> list[str]:
+    """The first ack of each intake message whose input contains `lose` fails, as when the
+    connection drops (or the stage dies) right before it: the message comes back. Returns
+    the inputs whose ack was lost."""
+    lost: list[str] = []
+    ack = MemoryDelivery.ack
+
+    async def maybe_lost(self: MemoryDelivery) -> None:
+        text = orjson.loads(self.data).get("input", "") if self.data else ""
+        if ".intake." in self.subject and "lose" in text and text not in lost:
+            lost.append(text)
+            raise BusError("connection lost")
+        await ack(self)
+
+    monkeypatch.setattr(MemoryDelivery, "ack", maybe_lost)
+    return lost
+
+
+async def test_a_dead_letter_interrupted_before_the_ack_is_carried_out_not_retaken(
+    probe, lost_acks
+):
+    settings = settings_for(probe, {"a": {"ack_wait": 0.2}, "b": {}})
+    async with pipeline(settings) as pipe:
+        pipe.start()
+        rid = await pipe.publish("reject-once lose")
+        await until(lambda: lost_acks)
+        await until(lambda: held_is(pipe, "a", 0), timeout=3)
+        [entry] = await pipe.dead_letters()
+        assert (entry.request_id, entry.reason, entry.error) == (rid, "failed", "Reject: this time")
+        assert probe.count("reject-once lose") == 1  # the redelivery was not handled afresh
+        assert await pipe.results() == [] and await pipe.held("b") == 0
+
+
+async def test_a_request_passed_on_before_is_not_dead_lettered_by_a_redelivery(probe, lost_acks):
+    settings = settings_for(probe, {"a": {"ack_wait": 0.2}, "b": {}})
+    async with pipeline(settings) as pipe:
+        pipe.start()
+        rid = await pipe.publish("reject-later lose")
+        await until(pipe.results)
+        await until(lambda: held_is(pipe, "a", 0), timeout=3)
+        assert probe.count("reject-later lose") == 3  # a, b, and a's redelivery
+        [result] = await pipe.results()
+        assert result.request_id == rid
+        assert await pipe.dead_letters() == []
+
+
+async def test_a_last_stage_finds_its_result_before_dead_lettering_a_redelivery(probe, lost_acks):
+    settings = settings_for(probe, {"a": {"ack_wait": 0.2}})
+    async with pipeline(settings) as pipe:
+        pipe.start()
+        await pipe.publish("reject-later lose")
+        await until(pipe.results)
+        await until(lambda: held_is(pipe, "a", 0), timeout=3)
+        assert probe.count("reject-later lose") == 2
+        assert await pipe.dead_letters() == []
+
+
+async def test_a_redelivery_that_never_went_on_is_dead_lettered_and_voided_downstream(probe):
+    settings = settings_for(probe, {"a": {"backoff": [0.01]}, "b": {}})
+    async with pipeline(settings) as pipe:
+        pipe.start()
+        rid = await pipe.publish("fail-then-reject")
+        await until(pipe.dead_letters)
+        [entry] = await pipe.dead_letters()
+        assert (entry.request_id, entry.stage, entry.delivered) == (rid, "a", 2)
+        await until(lambda: held_is(pipe, "b", 0))  # the void message b was sent is skipped
+        assert [stage for stage, _, _ in probe.calls] == ["a", "a"]
+        assert await pipe.results() == []
 
 
 async def test_the_keep_alive_holds_a_handler_that_outlives_ack_wait(probe):
