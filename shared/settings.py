@@ -89,6 +89,10 @@ class StageDecl(_Section):
     backoff: list[float] = Field(default_factory=lambda: [1.0, 5.0, 30.0])
     timeout: float = Field(default=300.0, gt=0)
     """Longest the handler may take on one message; then that attempt fails and is retried."""
+    shed_after: float = Field(default=15.0, ge=0)
+    """Seconds an output waits for room in a full next channel (retried, while this stage's
+    room to take in more shrinks) before the request is shed as `backpressure`: a next stage
+    that restarts slows this one down instead of costing requests. 0 sheds at once."""
     instances: int = Field(default=1, ge=1, le=64)
     """How many processes of this stage `orchestrator up` starts."""
 

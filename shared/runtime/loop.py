@@ -421,11 +421,21 @@ class StageRuntime:
         if (replay := received_headers.get(deadletter.REPLAY_OF)) is not None:
             headers = {**(carry or {}), deadletter.REPLAY_OF: replay}
         msg_id = self._output_id(request, received_headers)
-        try:
-            await self._bus.publish(subject, payload, msg_id=msg_id, headers=headers)
-        except MessageTooLarge as exc:  # no retry makes it smaller
-            raise Reject(f"{self.name}'s output is too large to pass on: {exc}") from None
-        return to
+        give_up, pause = time.monotonic() + self._cfg.shed_after, 0.05
+        while True:
+            try:
+                await self._bus.publish(subject, payload, msg_id=msg_id, headers=headers)
+                return to
+            except MessageTooLarge as exc:  # no retry makes it smaller
+                raise Reject(f"{self.name}'s output is too large to pass on: {exc}") from None
+            except Overloaded as exc:
+                # A full next channel: wait for room (a restart, a burst) before shedding.
+                left = give_up - time.monotonic()
+                if left <= 0:
+                    raise Overloaded(exc.subject, f"still full after {self._cfg.shed_after:g}s "
+                                     f"(stages.{self.name}.shed_after)") from None  # fmt: skip
+                await asyncio.sleep(min(pause, left))
+                pause = min(pause * 2, 1.0)
 
     def _notify(self, request: Envelope | None, outcome: Outcome) -> None:
         for mw in self._observers:

@@ -67,6 +67,7 @@ async def test_overload_sheds_with_reason_and_accounts_for_everything(nats_serve
         ORCH_STAGES__INFERENCE__OPTIONS__ECHO__TOKEN_DELAY="0.004",
         ORCH_STAGES__INFERENCE__CONCURRENCY="4",
         ORCH_STAGES__INFERENCE__MAX_ACK_PENDING="8",
+        ORCH_STAGES__ASSEMBLE__SHED_AFTER="0.2",  # sustained overload: shed soon
     )
     settings = settings_for(env)
     await wait_until_consuming(nats_server.url, settings)

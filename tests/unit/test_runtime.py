@@ -372,8 +372,8 @@ async def test_an_undecodable_message_is_dead_lettered_as_invalid_byte_for_byte(
         await until(lambda: held_is(pipe, "a", 0))
 
 
-async def test_a_full_next_channel_dead_letters_as_backpressure(probe):
-    settings = settings_for(probe, {"a": {}, "b": {"capacity": 1}})
+async def test_a_next_channel_full_for_longer_than_shed_after_sheds_as_backpressure(probe):
+    settings = settings_for(probe, {"a": {"shed_after": 0.2}, "b": {"capacity": 1}})
     async with pipeline(settings) as pipe:
         await pipe.bus.publish(pipe.topology.subject_for("b", "s"), b"filler", msg_id="filler")
         pipe.start("a")
@@ -382,7 +382,7 @@ async def test_a_full_next_channel_dead_letters_as_backpressure(probe):
         [entry] = await pipe.dead_letters()
         assert (entry.reason, entry.stage, entry.request_id) == ("backpressure", "a", rid)
         assert entry.error.startswith("Overloaded: stream for 'orch.b.")
-        assert entry.error.endswith("is full: maximum messages exceeded")
+        assert entry.error.endswith("is full: still full after 0.2s (stages.a.shed_after)")
         assert probe.count("ok") == 1
         await until(lambda: held_is(pipe, "a", 0))
         assert await pipe.held("b") == 1
@@ -496,6 +496,21 @@ async def test_a_redelivery_that_never_went_on_is_dead_lettered_and_voided_downs
         await until(lambda: held_is(pipe, "b", 0))  # the void message b was sent is skipped
         assert [stage for stage, _, _ in probe.calls] == ["a", "a"]
         assert await pipe.results() == []
+
+
+async def test_a_next_channel_that_frees_up_within_shed_after_loses_nothing(probe):
+    settings = settings_for(probe, {"a": {"shed_after": 5}, "b": {"capacity": 1}})
+    async with pipeline(settings) as pipe:
+        await pipe.bus.publish(pipe.topology.subject_for("b", "s"), b"filler", msg_id="filler")
+        pipe.start("a")
+        rid = await pipe.publish("ok")
+        await until(lambda: probe.count("ok") == 1)
+        await asyncio.sleep(0.3)  # a holds its output while b's channel is full
+        assert await pipe.held("a") == 1 and await pipe.dead_letters() == []
+        pipe.start("b")  # b starts, dead-letters the filler and makes room
+        await until(pipe.results, timeout=5)
+        [result] = await pipe.results()
+        assert result.request_id == rid and probe.count("ok") == 2  # a once, b once
 
 
 async def test_the_keep_alive_holds_a_handler_that_outlives_ack_wait(probe):
