@@ -185,6 +185,11 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(default=256 * 1024, ge=1024)
     publish_timeout: float = Field(default=5.0, gt=0)
     drain_timeout: float = Field(default=30.0, gt=0)
+    instance: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_{}-]{1,64}$")
+    """This process's name among a stage's instances (`{host}` stands for the host name). A
+    process restarted under the same name takes its partitions back at once; unset, every
+    process gets a name of its own and a restarted one waits `affinity.failover_after`. Give
+    each live process its own: `orchestrator up --instances` does."""
     health_file: Path | None = None
     entry: str | None = None
     """The stage that reads the intake, where clients publish."""

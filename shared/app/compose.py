@@ -48,6 +48,9 @@ def render(settings: Settings, graph: Graph, config: Path | None) -> str:
     environment = [
         "    ORCH_NATS_URL: nats://nats:4222",
         "    ORCH_HEALTH_FILE: /tmp/orchestrator.alive",
+        "    # A container's host name outlives its restarts: a restarted stage takes its",
+        "    # partitions back at once.",
+        '    ORCH_INSTANCE: "{host}"',
     ]
     volumes = []
     if config is not None:

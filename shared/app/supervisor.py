@@ -17,6 +17,8 @@ from pathlib import Path
 from shared.config import CONFIG_ENV
 from shared.settings import Settings
 
+INSTANCE_ENV = "ORCH_INSTANCE"
+
 log = logging.getLogger(__name__)
 
 RESTART_DELAY = 1.0
@@ -67,15 +69,18 @@ async def supervise(stages: list[str], url: str, config: Path | None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
 
-    def spawn(stage: str) -> tuple[subprocess.Popen[bytes], float]:
+    slots = [stages[:i].count(stage) for i, stage in enumerate(stages)]
+
+    def spawn(i: int) -> tuple[subprocess.Popen[bytes], float]:
         # Own process group: a Ctrl-C on the terminal reaches the supervisor only, which
-        # then stops the children in order.
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "shared.app", "run", stage], env=env, start_new_session=True
-        )
+        # then stops the children in order. A restarted child keeps its instance name, so it
+        # takes its partitions back at once.
+        child = {**env, INSTANCE_ENV: f"{{host}}-{os.getpid()}-{slots[i]}"}
+        proc = subprocess.Popen([sys.executable, "-m", "shared.app", "run", stages[i]],
+                                env=child, start_new_session=True)  # fmt: skip
         return proc, time.monotonic()
 
-    procs = [(stage, *spawn(stage)) for stage in stages]
+    procs = [(stage, *spawn(i)) for i, stage in enumerate(stages)]
     restarts = [Restarts() for _ in procs]
     due: dict[int, float] = {}  # child index -> when its restart is due
     gave_up = False
@@ -86,7 +91,7 @@ async def supervise(stages: list[str], url: str, config: Path | None) -> int:
             if i in due:
                 if now >= due[i]:
                     del due[i]
-                    procs[i] = (stage, *spawn(stage))
+                    procs[i] = (stage, *spawn(i))
                 continue
             if proc.poll() is None:
                 continue

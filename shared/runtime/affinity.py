@@ -25,13 +25,15 @@ that their attempts keep counting under the next owner.
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 
 import orjson
 
 from shared.assignment import rebalance
-from shared.errors import BusError, SubjectTaken
+from shared.errors import BusError, ConfigError, SubjectTaken
 from shared.graph import Stage
 from shared.runtime.attempts import AttemptLog
 from shared.settings import Settings
@@ -93,6 +95,7 @@ class Affinity:
             replicas=s.replicas,
         )  # fmt: skip
         await self.attempts.open()
+        await self._take_over_from_predecessor()
         self._sub = await self._bus.subscribe(self._kv.subject(f"{self.stage.name}.*"))
         now = time.monotonic()
         for key, value in (await self._kv.items(f"{self.stage.name}.")).items():
@@ -133,10 +136,29 @@ class Affinity:
     def _key(self) -> str:
         return f"{self.stage.name}.{self.instance}"
 
+    async def _take_over_from_predecessor(self) -> None:
+        """If an earlier process of this instance's name left its consumer behind (it died),
+        release it now instead of waiting `failover_after`: what it held un-acked is recorded
+        as cut off mid-attempt. ConfigError if a live process has the same name."""
+        assert self._kv is not None
+        before = await self._kv.get(self._key)
+        if before is not None and not _predecessor(before):
+            await asyncio.sleep(self._cfg.heartbeat * 1.5)  # does the other still announce?
+            after = await self._kv.get(self._key)
+            if after is not None and after != before:
+                raise ConfigError(
+                    f"instance name {self.instance!r} is in use by a live process (announced "
+                    "again meanwhile); give each process its own `instance` (ORCH_INSTANCE)"
+                )
+        if await self._bus.admin.consumer(self._stream, self._name) is not None:
+            log.info("%s: taking over the consumer an earlier process of this name left",
+                     self.instance)  # fmt: skip
+            await self._release(self._name, under_way=True)
+
     async def _announce(self) -> None:
         assert self._kv is not None
         value = {"stage": self.stage.name, "instance": self.instance, "owned": list(self.owned),
-                 "at": time.time()}  # fmt: skip
+                 "at": time.time(), "host": socket.gethostname(), "pid": os.getpid()}  # fmt: skip
         await self._kv.put(self._key, orjson.dumps(value))
 
     async def _beat(self) -> None:
@@ -297,6 +319,27 @@ class Affinity:
                     p = self._topology.partition_of_subject(subject)
                     held |= set(range(self._settings.partitions)) if p is None else {p}
         return held
+
+
+def _predecessor(announcement: bytes) -> bool:
+    """Whether `announcement` of this instance's name was made by a process that is gone:
+    one on this host whose pid is ours (a restarted container) or no longer runs."""
+    try:
+        found = orjson.loads(announcement)
+        host, pid = found["host"], int(found["pid"])
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return False
+    if host != socket.gethostname():
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it runs, as another user
+        return False
+    return False
 
 
 def _owned(value: bytes) -> tuple[int, ...]:

@@ -23,12 +23,16 @@ HEALTH_STALE = 15.0
 """Seconds without a turn of a fetch loop after which a stage process counts as unhealthy."""
 
 
-def instance_id(stage: str) -> str:
-    """A name for one running instance of `stage`, unique across hosts and restarts.
+def instance_id(stage: str, name: str | None = None) -> str:
+    """The name of this process's instance of `stage`: `name` (the `instance` setting, `{host}`
+    standing for the host name) if given, the same across restarts; else one unique across
+    hosts and restarts.
 
     It names a consumer and a key, so only letters, digits, `-` and `_` are kept.
     """
     host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:40]
+    if name is not None:
+        return f"{stage}-{name.replace('{host}', host)}"
     return f"{stage}-{host}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
 
 
@@ -71,7 +75,13 @@ class StageGroup:
         intake might not fit the server's messages)."""
         check_limits(self.settings.max_message_bytes, bus.max_payload)
         self.runtimes = [
-            StageRuntime(plan, self.settings, self.topology, bus, instance_id(plan.stage.name))
+            StageRuntime(
+                plan,
+                self.settings,
+                self.topology,
+                bus,
+                instance_id(plan.stage.name, self.settings.instance),
+            )
             for plan in self.plans
         ]
         self._tasks = [asyncio.create_task(rt.run(), name=rt.instance) for rt in self.runtimes]

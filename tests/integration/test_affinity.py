@@ -17,7 +17,7 @@ from shared.partition import partition_of
 from shared.status import coverage, members_by_stage
 from shared.topology import Topology
 from shared.transport.connection import Bus
-from tests.support import StageProcess, collect, settings_for, wait_until_consuming
+from tests.support import StageProcess, collect, settings_for, stage_env, wait_until_consuming
 
 SESSIONS = [f"user-{i}" for i in range(48)]
 FAST_FAILOVER = {"ORCH_AFFINITY__HEARTBEAT": "0.5", "ORCH_AFFINITY__FAILOVER_AFTER": "2"}
@@ -174,3 +174,45 @@ async def test_a_consumer_deleted_from_outside_is_recreated(nats_server, mesh):
     finally:
         await client.close()
     assert result.output.endswith("Question: still there?\nAnswer:")
+
+
+async def test_a_restart_under_the_same_name_takes_the_partitions_back_at_once(nats_server, mesh):
+    # A silent instance is replaced only after a minute here: whatever completes sooner was
+    # handled by the restarted process, which took its predecessor's consumer over.
+    env, procs = mesh(ORCH_INSTANCE="{host}-a", ORCH_AFFINITY__FAILOVER_AFTER="60")
+    settings = settings_for(env)
+    await wait_until_consuming(nats_server.url, settings)
+    client = await Client.connect(settings, nats_server.url)
+    try:
+        before = await send(client, 24)
+        await collect(client, set(before), timeout=30)
+        inference = procs["inference"]
+        inference.kill()
+        during = await send(client, 24, start=24)  # wait in inference's channel meanwhile
+        restarted = time.monotonic()
+        inference.start()
+        results = await collect(client, set(during), timeout=30)
+        took = time.monotonic() - restarted
+    finally:
+        await client.close()
+    assert all(len(results[rid]) == 1 for rid in during)  # each completed once
+    [instance] = {h.instance for rid in during for h in results[rid][0].hops
+                  if h.stage == "inference"}  # fmt: skip
+    assert instance.startswith("inference-") and instance.endswith("-a")
+    assert "taking over the consumer an earlier process of this name left" in inference.log()
+    print(f"\nrestart under the same name: all 24 waiting requests done {took:.1f}s after it")
+
+
+def test_a_second_live_process_with_the_same_name_is_refused(nats_server, tmp_path):
+    env = stage_env(nats_server.url, ORCH_INSTANCE="twin", ORCH_AFFINITY__HEARTBEAT="0.3")
+    first = StageProcess("post", env, tmp_path, name="first")
+    try:
+        deadline = time.monotonic() + 30
+        while "owns partitions" not in first.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        second = StageProcess("post", env, tmp_path, name="second")
+        assert second.wait(60) == 2
+        assert "instance name 'post-twin' is in use by a live process" in second.log()
+        assert first.proc is not None and first.proc.poll() is None  # left alone
+    finally:
+        assert first.stop() == 0

@@ -164,8 +164,8 @@ def _fields(model: type[BaseModel]) -> set[str]:
 def test_example_pipeline_documents_every_key_and_loads():
     path = ROOT / "pipeline.example.toml"
     data = tomllib.loads(path.read_text(encoding="utf-8"))
-    top = _fields(Settings) - {"stages", "middleware", "nats_url", "health_file"}
-    assert top <= set(data), top - set(data)  # nats_url and health_file: commented, unset
+    top = _fields(Settings) - {"stages", "middleware", "nats_url", "health_file", "instance"}
+    assert top <= set(data), top - set(data)  # commented: unset by default
     settings = load(path)
     for name in STAGE_NAMES:
         table = data["stages"][name]
