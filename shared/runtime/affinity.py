@@ -211,6 +211,16 @@ class Affinity:
                     log.warning("%s: rebalancing failed (%s); retrying", self.instance, exc)
                     self._retry = True
 
+    async def consumer_gone(self) -> bool:
+        """Whether the server says this instance's consumer does not exist (deleted from
+        outside); False while it cannot say (no leader, no connection)."""
+        if not self.owned:
+            return False
+        try:
+            return await self._bus.admin.consumer(self._stream, self._name) is None
+        except BusError:
+            return False
+
     def check_consumer(self) -> None:
         """Ask for this instance's consumer to be verified (a fetch found it missing)."""
         self._retry = self._force = True

@@ -260,8 +260,11 @@ class StageRuntime:
                 try:
                     deliveries = await puller.fetch(free, FETCH_WAIT, ask=not winding_down)
                 except BusError as exc:
+                    # Retried in place: a leader election or a reconnect passes by itself.
+                    # The consumer is recreated only when the server says it is gone.
                     log.warning("%s: %s; retrying", self.instance, exc)
-                    affinity.check_consumer()  # e.g. deleted from outside: recreate it
+                    if await affinity.consumer_gone():
+                        affinity.check_consumer()
                     await asyncio.sleep(0.5)
                     continue
                 for delivery in deliveries:
