@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from shared.app.natsserver import EmbeddedNats
-from tests.support import STAGE_NAMES, StageProcess, stage_env
+from tests.support import STAGE_NAMES, NatsCluster, StageProcess, stage_env
 
 
 @dataclass
@@ -96,3 +96,14 @@ def mesh(nats_server, tmp_path, request):
             p.signal(signal.SIGTERM)
     codes = {p.stage: p.stop() for p in procs}
     assert all(code == 0 for code in codes.values()), codes
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    """A three-node JetStream cluster on free loopback ports, stopped by PID at the end."""
+    cluster = NatsCluster(tmp_path / "cluster")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

@@ -21,6 +21,7 @@ from shared.transport.api import Delivery, Puller
 from shared.transport.connection import Bus
 
 if TYPE_CHECKING:
+    from shared.app.natsserver import EmbeddedNats
     from shared.runtime.group import StageGroup
     from shared.runtime.loop import StageRuntime
     from shared.status import Status
@@ -266,3 +267,53 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         pass
     finally:
         writer.transport.abort()
+
+
+class NatsCluster:
+    """Three nats-server processes with JetStream forming one cluster on loopback ports."""
+
+    def __init__(self, root: Path, size: int = 3) -> None:
+        from shared.app.natsserver import EmbeddedNats, free_port
+
+        routes = [free_port() for _ in range(size)]
+        listing = ",".join(f"nats://127.0.0.1:{port}" for port in routes)
+        self.nodes = [EmbeddedNats(store_dir=root / f"n{i}", args=self._args(i, routes, listing))
+                      for i in range(size)]  # fmt: skip
+        self.url = ",".join(node.url for node in self.nodes)
+        """Every node, comma-separated: what a client of the cluster is given."""
+
+    @staticmethod
+    def _args(i: int, routes: list[int], listing: str) -> list[str]:
+        return ["--server_name", f"n{i}", "--cluster_name", "orch-test",
+                "--cluster", f"nats://127.0.0.1:{routes[i]}", "--routes", listing]  # fmt: skip
+
+    def start(self) -> None:
+        """Start every node, then wait until JetStream answers (a meta leader is elected)."""
+        for node in self.nodes:
+            node.start()
+        asyncio.run(self.wait_for_jetstream())
+
+    async def wait_for_jetstream(self, timeout: float = 30.0) -> None:
+        """Until JetStream's API answers through any node."""
+        import nats
+
+        nc = await nats.connect(self.url.split(","))
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    try:
+                        await nc.jetstream().account_info()
+                        return
+                    except Exception:
+                        await asyncio.sleep(0.2)
+        finally:
+            await nc.close()
+
+    def node_named(self, name: str) -> "EmbeddedNats":
+        """The node whose server name is `name` (n0, n1, ...)."""
+        return self.nodes[int(name.removeprefix("n"))]
+
+    def stop(self) -> None:
+        """Stop every node (SIGTERM, then SIGKILL)."""
+        for node in self.nodes:
+            node.stop()

@@ -17,6 +17,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -74,8 +75,13 @@ class EmbeddedNats:
     """
 
     def __init__(
-        self, store_dir: Path | None = None, port: int | None = None, ready_timeout: float = 20.0
+        self,
+        store_dir: Path | None = None,
+        port: int | None = None,
+        ready_timeout: float = 20.0,
+        args: Sequence[str] = (),
     ) -> None:
+        """`args` go to nats-server as well (e.g. its cluster options)."""
         self._own_dir = store_dir is None
         self.store_dir = Path(store_dir or tempfile.mkdtemp(prefix="orch-nats-"))
         self.port = port or free_port()
@@ -83,6 +89,7 @@ class EmbeddedNats:
         self.ready_timeout = ready_timeout
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = self.store_dir / "nats-server.log"
+        self.args = list(args)
 
     @property
     def pid(self) -> int:
@@ -96,7 +103,7 @@ class EmbeddedNats:
         binary = find_binary()
         self.store_dir.mkdir(parents=True, exist_ok=True)
         cmd = [binary, "-js", "-a", "127.0.0.1", "-p", str(self.port)]
-        cmd += ["-sd", str(self.store_dir / "jetstream"), "-l", str(self.log_path)]
+        cmd += ["-sd", str(self.store_dir / "jetstream"), "-l", str(self.log_path), *self.args]
         lock = self._lock_store()
         try:
             # The child inherits the locked descriptor: the store stays locked exactly as long
