@@ -69,7 +69,7 @@ async def test_streams_and_buckets_follow_replicas(nats_cluster, cluster_mesh):
 
 
 async def test_losing_the_busiest_streams_leader_sheds_nothing(nats_cluster, cluster_mesh):
-    env, procs = cluster_mesh
+    env, _ = cluster_mesh
     settings = settings_for(env)
     url = nats_cluster.url
     await wait_until_consuming(url, settings)
@@ -101,6 +101,10 @@ async def test_losing_the_busiest_streams_leader_sheds_nothing(nats_cluster, clu
     status = await wait_quiet(url, settings)
     a = status.accounts
     duplicates = sum(len(copies) - 1 for copies in results.values())
+    slowest = max((r[0] for r in results.values()), key=lambda r: r.completed_at - r.created_at)
+    waits = {h.stage: round(h.received - slowest.created_at, 1) for h in slowest.hops}
+    print(f"\nslowest request: {slowest.completed_at - slowest.created_at:.1f}s; reached each "
+          f"stage after {waits} s")  # fmt: skip
     print(f"\ncluster: 600 requests, leader of ORCH_INFERENCE ({victim}) killed at "
           f"{killed_at:.1f}s, back at {restarted_at:.1f}s; completed {a.completed}, "
           f"dead-lettered {a.dead_lettered}, duplicates {duplicates}, all done at "
