@@ -14,6 +14,7 @@ import pytest
 from shared.client import Client
 from shared.dlq import DeadLetterQueue
 from shared.envelope import new_request_id
+from shared.errors import Overloaded
 from shared.topology import Topology
 from shared.transport.connection import Bus
 from tests.support import (
@@ -111,3 +112,67 @@ async def test_stages_and_the_broker_killed_in_turn_under_load(nats_server, mesh
     assert dead == [], [(e.request_id, e.reason, e.stage, e.error) for e in entries]
     assert (a.accepted, a.completed, a.dead_lettered, a.in_flight) == (REQUESTS, REQUESTS, 0, 0)
     assert a.balanced
+
+
+async def ask_times(client: Client, n: int) -> list[float]:
+    """Seconds each of `n` requests asked one after another took to complete."""
+    times = []
+    for i in range(n):
+        began = time.monotonic()
+        await client.ask(f"probe {i}", f"probe-{i}", timeout=60)
+        times.append(time.monotonic() - began)
+    return sorted(times)
+
+
+async def test_an_overload_soak_sheds_only_to_the_intake_and_the_dead_letter_stream(
+    nats_server, mesh
+):
+    # A slow model (four calls at a time, a few ms a word) behind small channels: a few dozen
+    # requests a second are sustainable; the soak offers ten times that for five seconds.
+    slow = {"ORCH_STAGES__INFERENCE__OPTIONS__ECHO__TOKEN_DELAY": "0.002",
+            "ORCH_STAGES__INFERENCE__CONCURRENCY": "4",
+            "ORCH_STAGES__INFERENCE__MAX_ACK_PENDING": "8",
+            "ORCH_STAGES__ASSEMBLE__SHED_AFTER": "1"}  # fmt: skip
+    small = {f"ORCH_STAGES__{s.upper()}__CAPACITY": "100" for s in STAGE_NAMES}
+    env, procs = mesh(**slow, **small)
+    settings = settings_for(env)
+    url = nats_server.url
+    await wait_until_consuming(url, settings)
+    client = await Client.connect(settings, url)
+    try:
+        before = await ask_times(client, 10)
+        sustainable = 4 / before[len(before) // 2]
+        offered, accepted, refused = 0, 0, 0
+        soak_end = time.monotonic() + 5.0
+        while time.monotonic() < soak_end:
+            batch = max(1, int(sustainable))  # ten batches a second: ten times sustainable
+            outcomes = await asyncio.gather(
+                *(client.publish(f"soak {offered + j}", f"soak-{j % 30}") for j in range(batch)),
+                return_exceptions=True,
+            )
+            offered += batch
+            for outcome in outcomes:
+                if isinstance(outcome, Overloaded):
+                    refused += 1
+                elif isinstance(outcome, BaseException):
+                    raise outcome
+                else:
+                    accepted += 1
+            await asyncio.sleep(0.1)
+        status = await wait_quiet(url, settings, timeout=120)
+        after = await ask_times(client, 10)
+    finally:
+        await client.close()
+    async with await Bus.connect(url, name="test-soak") as bus:
+        entries = [e async for e in DeadLetterQueue(bus, Topology(settings)).entries()]
+    rss = {stage: round(peak_rss_mb(p.proc.pid)) for stage, p in procs.items()}
+    a = status.accounts
+    print(f"\nsoak: about {sustainable:.0f}/s sustainable, {offered} offered in 5 s; refused at "
+          f"the intake {refused}, accepted {accepted}, completed {a.completed - 10}, shed "
+          f"{len(entries)} ({sorted({e.reason for e in entries})}); latency p50 before "
+          f"{before[5] * 1e3:.0f} ms, after {after[5] * 1e3:.0f} ms; peak RSS {rss}")  # fmt: skip
+    assert offered == accepted + refused and refused > 0
+    assert {e.reason for e in entries} <= {"backpressure"}
+    assert (a.accepted, a.in_flight) == (accepted + 10, 0)  # and the 10 asked before
+    assert a.completed + a.dead_lettered == a.accepted and a.balanced
+    assert all(mb < 200 for mb in rss.values()), rss
