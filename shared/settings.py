@@ -200,10 +200,13 @@ class Settings(BaseSettings):
     dead_letter: DeadLetterSettings = DeadLetterSettings()
     affinity: AffinitySettings = AffinitySettings()
 
-    @field_validator("nats_url")
+    @field_validator("nats_url", mode="before")
     @classmethod
-    def _servers(cls, value: str | None) -> str | None:
-        return None if value is None else ",".join(server_list(value))
+    def _servers(cls, value: object) -> object:
+        # One URL, several comma-separated, or (in the file) a list of them.
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            value = ",".join(value)
+        return ",".join(server_list(value)) if isinstance(value, str) else value
 
     @classmethod
     def settings_customise_sources(

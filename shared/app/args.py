@@ -134,6 +134,22 @@ def _whole(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
 
 
+class _Servers(argparse.Action):
+    """`--nats-url` given more than once lists every server."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        given = getattr(namespace, "_servers_given", [])
+        given.append(str(values))
+        namespace._servers_given = given
+        setattr(namespace, self.dest, ",".join(given))
+
+
 def global_options(default: object = None) -> argparse.ArgumentParser:
     """The options every command takes, before or after its name (`demo --nats-url ...`)."""
     p = Parser(add_help=False)
@@ -143,8 +159,10 @@ def global_options(default: object = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--nats-url",
         type=nats_url,
+        action=_Servers,
         default=default,
-        help="NATS server URL, or several comma-separated (overrides environment and config)",
+        help="NATS server URL; several (a cluster's) comma-separated or by repeating the "
+        "option (overrides environment and config)",
     )
     p.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
     return p

@@ -191,3 +191,16 @@ def test_example_pipeline_documents_every_key_and_loads():
         a = settings.stages[name].model_dump(exclude={"options"})
         assert a == defaults.stages[name].model_dump(exclude={"options"}), name
     assert settings.model_dump(exclude={"stages"}) == defaults.model_dump(exclude={"stages"})
+
+
+def test_a_server_list_is_taken_from_a_file_list_a_comma_string_or_repeated_flags(tmp_path):
+    from shared.app.cli import _parser
+
+    path = tmp_path / "p.toml"
+    path.write_text('nats_url = ["nats://a:4222", "b:4222"]\n', encoding="utf-8")
+    assert load(path).nats_url == "nats://a:4222,b:4222"
+    assert load(nats_url="nats://a:4222, tls://b:4222").nats_url == "nats://a:4222,tls://b:4222"
+    args = _parser().parse_args(["--nats-url", "nats://a:1", "--nats-url", "b:2", "status"])
+    assert args.nats_url == "nats://a:1,b:2"
+    with pytest.raises(ConfigError, match="websocket and other URLs cannot be mixed"):
+        load(nats_url="nats://a:1,ws://b:2")
