@@ -181,6 +181,9 @@ class Settings(BaseSettings):
     partitions: int = Field(default=8, ge=1, le=1024)
     storage: Literal["file", "memory"] = "file"
     replicas: int = Field(default=1, ge=1, le=5)
+    placement: list[str] = Field(default_factory=list)
+    """Server tags (a cluster's `server_tags`) that every stream's and bucket's replicas must
+    be placed on; applied when they are created."""
     duplicate_window: float = Field(default=120.0, gt=0)
     max_message_bytes: int = Field(default=256 * 1024, ge=1024)
     publish_timeout: float = Field(default=5.0, gt=0)

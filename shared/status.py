@@ -97,6 +97,7 @@ async def members_by_stage(bus: MessageBus, topology: Topology) -> dict[str, dic
     kv = await bus.key_value(
         topology.members_bucket(), ttl=settings.affinity.failover_after, storage=settings.storage,
         replicas=settings.replicas,
+        placement=tuple(settings.placement),
     )  # fmt: skip
     out: dict[str, dict[str, list[int]]] = {}
     for value in (await kv.items("")).values():

@@ -92,6 +92,7 @@ class Topology:
             max_msgs_per_subject=max_msgs_per_subject,
             storage=s.storage,
             replicas=s.replicas,
+            placement=tuple(s.placement),
             duplicate_window=s.duplicate_window,
             counter=counter,
         )

@@ -277,14 +277,19 @@ class NatsCluster:
 
         routes = [free_port() for _ in range(size)]
         listing = ",".join(f"nats://127.0.0.1:{port}" for port in routes)
-        self.nodes = [EmbeddedNats(store_dir=root / f"n{i}", args=self._args(i, routes, listing))
+        self.nodes = [EmbeddedNats(store_dir=root / f"n{i}",
+                                   args=self._args(i, routes, listing, root))
                       for i in range(size)]  # fmt: skip
         self.url = ",".join(node.url for node in self.nodes)
         """Every node, comma-separated: what a client of the cluster is given."""
 
     @staticmethod
-    def _args(i: int, routes: list[int], listing: str) -> list[str]:
-        return ["--server_name", f"n{i}", "--cluster_name", "orch-test",
+    def _args(i: int, routes: list[int], listing: str, root: Path) -> list[str]:
+        # Each node is tagged `node:n<i>`, for placement (tags exist only in a config file).
+        root.mkdir(parents=True, exist_ok=True)
+        conf = root / f"n{i}.conf"
+        conf.write_text(f'server_tags: ["node:n{i}"]\n', encoding="utf-8")
+        return ["-c", str(conf), "--server_name", f"n{i}", "--cluster_name", "orch-test",
                 "--cluster", f"nats://127.0.0.1:{routes[i]}", "--routes", listing]  # fmt: skip
 
     def start(self) -> None:

@@ -93,6 +93,7 @@ class Affinity:
         self._kv = await self._bus.key_value(
             self._topology.members_bucket(), ttl=self._cfg.failover_after, storage=s.storage,
             replicas=s.replicas,
+            placement=tuple(s.placement),
         )  # fmt: skip
         await self.attempts.open()
         await self._take_over_from_predecessor()

@@ -78,6 +78,7 @@ class AttemptLog:
         self._kv = await self._bus.key_value(
             self._bucket, ttl=RECORD_TTL, storage=self._settings.storage,
             replicas=self._settings.replicas,
+            placement=tuple(self._settings.placement),
         )  # fmt: skip
 
     def prior(self, seq: int, headers: Mapping[str, str]) -> Prior | None:

@@ -151,6 +151,7 @@ def _stream_config(spec: StreamSpec) -> api.StreamConfig:
         num_replicas=spec.replicas,
         duplicate_window=spec.duplicate_window,
         allow_msg_counter=spec.counter or None,
+        placement=api.Placement(tags=list(spec.placement)) if spec.placement else None,
     )
 
 

@@ -33,6 +33,8 @@ class StreamSpec:
     storage: Literal["file", "memory"]
     replicas: int
     duplicate_window: float
+    placement: tuple[str, ...] = ()
+    """Server tags its replicas must be placed on (applied when it is created)."""
     counter: bool = False
     """A counter stream: publishes with `Nats-Incr` add to the subject's value."""
 

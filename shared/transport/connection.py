@@ -140,10 +140,15 @@ class Bus:
         return await open_puller(self._nc, spec, largest)
 
     async def key_value(
-        self, bucket: str, ttl: float, storage: str, replicas: int = 1
+        self,
+        bucket: str,
+        ttl: float,
+        storage: str,
+        replicas: int = 1,
+        placement: tuple[str, ...] = (),
     ) -> JetStreamKeyValue:
         """Create (or bind to) a key-value bucket whose entries expire `ttl` s after a put."""
-        return await open_bucket(self._js, bucket, ttl, storage, replicas)
+        return await open_bucket(self._js, bucket, ttl, storage, replicas, placement)
 
     async def subscribe(self, subject: str) -> CoreSubscription:
         """Subscribe to `subject` with core NATS (no persistence; see `watch` for streams)."""

@@ -10,20 +10,51 @@ from shared.errors import BusError
 
 
 async def open_bucket(
-    js: JetStreamContext, bucket: str, ttl: float, storage: str, replicas: int = 1
+    js: JetStreamContext,
+    bucket: str,
+    ttl: float,
+    storage: str,
+    replicas: int = 1,
+    placement: tuple[str, ...] = (),
 ) -> "JetStreamKeyValue":
     """Create (or bind to) a bucket whose entries expire `ttl` seconds after a put, stored on
-    `replicas` servers of a cluster."""
-    config = api.KeyValueConfig(bucket=bucket, history=1, ttl=ttl,
-                                storage=api.StorageType(storage), replicas=replicas)  # fmt: skip
+    `replicas` servers of a cluster (with the `placement` tags)."""
+    config = api.KeyValueConfig(
+        bucket=bucket, history=1, ttl=ttl, storage=api.StorageType(storage), replicas=replicas
+    )
     try:
         try:
-            kv = await js.create_key_value(config=config)
+            if placement:
+                await js.add_stream(_placed_stream(config, placement))
+                kv = await js.key_value(bucket)
+            else:
+                kv = await js.create_key_value(config=config)
         except nats.js.errors.APIError:
             kv = await js.key_value(bucket)  # exists with other limits: use it as it is
     except nats.errors.Error as exc:
         raise BusError(f"open bucket {bucket}: {exc!r}") from None
     return JetStreamKeyValue(kv, bucket)
+
+
+def _placed_stream(config: api.KeyValueConfig, placement: tuple[str, ...]) -> api.StreamConfig:
+    # The stream create_key_value makes, with placement (which nats-py leaves out).
+    assert config.ttl is not None
+    return api.StreamConfig(
+        name=f"KV_{config.bucket}",
+        subjects=[f"$KV.{config.bucket}.>"],
+        allow_rollup_hdrs=True,
+        allow_msg_ttl=True,
+        deny_delete=True,
+        discard=api.DiscardPolicy.NEW,
+        duplicate_window=min(120.0, config.ttl) if config.ttl else 120.0,
+        max_age=config.ttl,
+        max_consumers=-1,
+        max_msgs=-1,
+        max_msgs_per_subject=config.history,
+        num_replicas=config.replicas,
+        storage=config.storage,
+        placement=api.Placement(tags=list(placement)),
+    )
 
 
 class JetStreamKeyValue:

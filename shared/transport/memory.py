@@ -824,7 +824,12 @@ class MemoryBus:
         return MemoryPuller(self, spec.stream, spec.durable)
 
     async def key_value(
-        self, bucket: str, ttl: float, storage: str, replicas: int = 1
+        self,
+        bucket: str,
+        ttl: float,
+        storage: str,
+        replicas: int = 1,
+        placement: tuple[str, ...] = (),
     ) -> MemoryKeyValue:
         """Create (or bind to, keeping its ttl) a key-value bucket (one server: no replicas)."""
         self.check_open()

@@ -68,6 +68,24 @@ async def test_streams_and_buckets_follow_replicas(nats_cluster, cluster_mesh):
     assert found == dict.fromkeys(names, 3), found
 
 
+async def test_placement_puts_streams_and_buckets_on_the_tagged_servers(nats_cluster):
+    from shared.runtime.group import declare
+    from shared.transport.connection import Bus
+
+    settings = settings_for(stage_env(nats_cluster.url, ORCH_PLACEMENT='["node:n1"]'))
+    topology = Topology(settings)
+    async with await Bus.connect(nats_cluster.url, name="test-placement") as bus:
+        await declare(bus, topology)
+        kv = await bus.key_value(topology.members_bucket(), ttl=10, storage="file",
+                                 placement=("node:n1",))  # fmt: skip
+        await kv.put("k", b"v")
+        assert await kv.get("k") == b"v"
+    names = [topology.stream_name("inference"), f"KV_{topology.members_bucket()}"]
+    assert {name: await leader_of(nats_cluster.url, name) for name in names} == dict.fromkeys(
+        names, "n1"
+    )
+
+
 async def test_losing_the_busiest_streams_leader_sheds_nothing(nats_cluster, cluster_mesh):
     env, _ = cluster_mesh
     settings = settings_for(env)
