@@ -212,6 +212,11 @@ class Affinity:
                     log.warning("%s: rebalancing failed (%s); retrying", self.instance, exc)
                     self._retry = True
 
+    @property
+    def consumer_name(self) -> str:
+        """The name of this instance's durable consumer."""
+        return self._name
+
     async def consumer_gone(self) -> bool:
         """Whether the server says this instance's consumer does not exist (deleted from
         outside); False while it cannot say (no leader, no connection)."""

@@ -65,6 +65,8 @@ FETCH_WAIT = 1.0
 """Longest the loop waits for a message; also bounds how long a stop takes to be noticed."""
 REFILL_WAIT = 0.005
 """How long a few free slots wait for more to free up before work is handed to them."""
+LOST_CHECK = 1.0
+"""Seconds between an idle instance's looks for deliveries lost on the way."""
 ISOLATE_AFTER = 2
 """Attempts cut off by a lost consumer after which a message runs with nothing else under way
 (fewer when `max_deliver` is lower: innocent neighbours must never reach the limit)."""
@@ -113,6 +115,8 @@ class StageRuntime:
         self._isolate_after = max(1, min(ISOLATE_AFTER, self._cfg.max_deliver - 1))
         self.last_loop = time.monotonic()
         """When the fetch loop last went round: a loop that stops turning is unhealthy."""
+        self._taken = 0  # deliveries taken in so far
+        self._retries_due = 0.0  # when the last message nak'ed with a delay comes back
 
     @property
     def in_flight(self) -> int:
@@ -214,6 +218,7 @@ class StageRuntime:
         self.affinity = affinity
         self._attempts = affinity.attempts
         heartbeat = asyncio.create_task(self._keep_alive())
+        lost_watch = asyncio.create_task(self._watch_for_lost(affinity))
         limit, batch = self._cfg.concurrency, self._cfg.batch
         # Hand out work in sizeable portions: a task per message is cheap, a loop turn per
         # message is not. A free slot still gets work within REFILL_WAIT when handlers are slow.
@@ -289,9 +294,11 @@ class StageRuntime:
                 raise
             finally:  # even when cancelled after drain_timeout, hand the partitions over
                 heartbeat.cancel()
+                lost_watch.cancel()
                 await asyncio.shield(affinity.leave(under_way=cut_off))
 
     async def _process(self, delivery: Delivery) -> None:
+        self._taken += 1
         if VOID in delivery.headers:  # a stage before this one dead-lettered the request
             await delivery.ack()
             return
@@ -424,7 +431,7 @@ class StageRuntime:
         if (replay := received_headers.get(deadletter.REPLAY_OF)) is not None:
             headers = {**(carry or {}), deadletter.REPLAY_OF: replay}
         msg_id = self._output_id(request, received_headers)
-        give_up, pause = time.monotonic() + self._cfg.shed_after, 0.05
+        give_up, pause, trouble = time.monotonic() + self._cfg.shed_after, 0.05, 0.25
         while True:
             try:
                 await self._bus.publish(subject, payload, msg_id=msg_id, headers=headers)
@@ -439,6 +446,16 @@ class StageRuntime:
                                      f"(stages.{self.name}.shed_after)") from None  # fmt: skip
                 await asyncio.sleep(min(pause, left))
                 pause = min(pause * 2, 1.0)
+            except BusError as exc:
+                # A leader election, a reconnect, a timeout: it passes. Retried here, the
+                # handler's work is kept and no attempt is spent (the keep-alive holds the
+                # input); the same message id makes a publish that did land count once.
+                if self._stopping.is_set():
+                    raise
+                log.warning("%s: passing %s on failed (%s); retrying in %.2fs", self.instance,
+                            request.request_id, exc, trouble)  # fmt: skip
+                await asyncio.sleep(trouble)
+                trouble = min(trouble * 2, 2.0)
 
     def _notify(self, request: Envelope | None, outcome: Outcome) -> None:
         for mw in self._observers:
@@ -468,6 +485,8 @@ class StageRuntime:
                 elif self._attempts is not None:  # counted if the consumer is recreated
                     self._attempts.retrying(delivery.stream_seq, delivery.headers, attempt)
                 await delivery.nak(delay=action.delay)
+                due = time.monotonic() + action.delay + LOST_CHECK
+                self._retries_due = max(self._retries_due, due)
                 if self._observers:
                     outcome = Outcome("retried", time.time() - received, delay=action.delay,
                                       error=describe(exc))  # fmt: skip
@@ -678,6 +697,37 @@ class StageRuntime:
                             wait)  # fmt: skip
                 await asyncio.sleep(wait)
                 wait = min(wait * 2, 10.0)
+
+    async def _watch_for_lost(self, affinity: Affinity) -> None:
+        """Get deliveries lost in transit back without waiting for ack_wait.
+
+        When a cluster node dies, messages it was delivering to this instance are lost on the
+        way; the server redelivers them only after `ack_wait`. An instance that holds nothing,
+        waits for no retry and took nothing in, while its consumer still counts deliveries
+        un-acked at two looks a second apart, has lost them: it recreates its consumer (as a
+        rebalance does), which hands them out again at once.
+        """
+        suspect_since: int | None = None
+        while True:
+            await asyncio.sleep(LOST_CHECK)
+            busy = self._inflight or time.monotonic() < self._retries_due
+            if busy or not affinity.owned or self._stopping.is_set():
+                suspect_since = None
+                continue
+            try:
+                view = await self._bus.admin.consumer(self._stream, affinity.consumer_name)
+            except BusError:
+                continue
+            if view is None or view.state.ack_pending == 0:
+                suspect_since = None
+            elif suspect_since != self._taken:  # first look, or something came meanwhile
+                suspect_since = self._taken
+            else:
+                lost = view.state.ack_pending
+                log.warning("%s: %d deliveries were lost on the way; recreating the consumer "
+                            "to have them again", self.instance, lost)  # fmt: skip
+                affinity.check_consumer()
+                suspect_since = None
 
     async def _keep_alive(self) -> None:
         # Long handlers (model calls) must not outlive ack_wait, or the message is redelivered

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, orchestrator_command, stage_env
+from tests.support import ROOT, STAGE_NAMES, orchestrator_command, stage_env
 
 
 def run(args, env, timeout=120):
@@ -223,9 +223,13 @@ def test_up_with_instances_runs_separate_processes_and_status_shows_owners(nats_
                     break
             assert time.monotonic() < deadline, status.stdout + status.stderr
             time.sleep(0.5)
-        pids = {int(i.split("-")[-2]) for s in stages for i in s["instances"]}
-        assert len(pids) == 10  # ten processes, none of them this supervisor
-        assert up.pid not in pids
+        # Ten processes, each named for its slot under this supervisor: a restarted one keeps
+        # its name (and takes its partitions back at once).
+        names = {i for s in stages for i in s["instances"]}
+        assert {name.rsplit("-", 2)[1:][0] for name in names} == {str(up.pid)}
+        assert sorted(name.split("-")[0] + name[-2:] for name in names) == sorted(
+            f"{stage}-{slot}" for stage in STAGE_NAMES for slot in (0, 1)
+        )
         asked = run(["ask", "What is NATS?", "--session", "s", "--timeout", "30"], env)
         assert asked.returncode == 0, asked.stderr
         text = run(["status"], env).stdout

@@ -63,6 +63,25 @@ def test_compose_file_validates_with_compose():
         pytest.skip("neither `docker compose` nor `docker-compose` is installed")
     done = subprocess.run([*cmd, "config", "-q"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+    clustered = ["-f", "docker-compose.yml", "-f", "docker-compose.cluster.yml"]
+    done = subprocess.run([*cmd, *clustered, "config", "-q"], cwd=ROOT, capture_output=True,
+                          text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_clustered_profile_has_three_routed_nodes_and_every_stage_on_r3():
+    text = (ROOT / "docker-compose.cluster.yml").read_text(encoding="utf-8")
+    services = yaml.safe_load(text)["services"]
+    nodes = ["nats", "nats-2", "nats-3"]
+    routes = ",".join(f"nats://{node}:6222" for node in nodes)
+    for node in nodes:
+        command = services[node]["command"]
+        assert "-js" in command and command[command.index("--routes") + 1] == routes
+    assert set(services) == {*nodes, *STAGE_NAMES}
+    for stage in STAGE_NAMES:
+        env = services[stage]["environment"]
+        assert env["ORCH_REPLICAS"] == "3"
+        assert env["ORCH_NATS_URL"] == ",".join(f"nats://{node}:4222" for node in nodes)
 
 
 def test_dockerfile_installs_the_stages():

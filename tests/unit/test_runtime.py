@@ -513,6 +513,26 @@ async def test_a_next_channel_that_frees_up_within_shed_after_loses_nothing(prob
         assert result.request_id == rid and probe.count("ok") == 2  # a once, b once
 
 
+async def test_a_broker_error_passing_an_output_on_is_retried_in_place(probe, monkeypatch):
+    settings = settings_for(probe, {"a": {}, "b": {}})
+    async with pipeline(settings) as pipe:
+        publish, failures = pipe.bus.publish, []
+
+        async def flaky(subject: str, data: bytes, **kw: Any) -> int:
+            if ".b." in subject and len(failures) < 2:  # a leader election, twice
+                failures.append(subject)
+                raise BusError("no ack for publish")
+            return await publish(subject, data, **kw)
+
+        monkeypatch.setattr(pipe.bus, "publish", flaky)
+        pipe.start()
+        rid = await pipe.publish("ok")
+        await until(pipe.results, timeout=5)
+        assert [r.request_id for r in await pipe.results()] == [rid]
+        assert len(failures) == 2 and probe.count("ok") == 2  # a's handler ran once
+        assert await pipe.dead_letters() == []
+
+
 async def test_the_keep_alive_holds_a_handler_that_outlives_ack_wait(probe):
     # The keep-alive ticks every ack_wait/3: ack_wait is large enough for a slow CI runner.
     settings = settings_for(probe, {"a": {"ack_wait": 0.24}})
