@@ -4,6 +4,7 @@ Any NATS client can do the same by following docs/PROTOCOL.md; this is the refer
 """
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,11 +22,19 @@ from shared.envelope import (
     encode,
     new_request,
 )
-from shared.errors import MessageTooLarge, NoSuchStream, RequestDeadLettered, ResultTimeout
+from shared.errors import (
+    BusError,
+    MessageTooLarge,
+    NoSuchStream,
+    RequestDeadLettered,
+    ResultTimeout,
+)
 from shared.settings import Settings
 from shared.topology import RESULTS, Topology
 from shared.transport.api import MessageBus
 from shared.transport.connection import Bus
+
+log = logging.getLogger(__name__)
 
 _RESULT_MAX_BYTES = 64 * 1024 * 1024
 
@@ -220,6 +229,15 @@ class Client:
             if isinstance(answer, Result):
                 yield answer
 
+    async def _look(self, request_id: str) -> Result | None:
+        """The stored result, or None while there is none or the broker cannot say (an
+        election on a cluster): the wait goes on and looks again."""
+        try:
+            return await self.stored_result(request_id)
+        except BusError as exc:
+            log.debug("cannot look for the result of %s yet: %s", request_id, exc)
+            return None
+
     async def _await_result(
         self, request_id: str, timeout: float, to_publish: Request | None
     ) -> Result:
@@ -229,7 +247,7 @@ class Client:
             if to_publish is not None:
                 await self.publish_request(to_publish, wait=timeout)
             else:
-                found = await self.stored_result(request_id)
+                found = await self._look(request_id)
                 if found:
                     return found
             deadline = time.monotonic() + timeout
@@ -237,7 +255,7 @@ class Client:
                 msg = await sub.next_message(min(left, _RECHECK))
                 if msg is not None:
                     return _answer(msg.data)
-                found = await self.stored_result(request_id)
+                found = await self._look(request_id)
                 if found:
                     return found
             raise ResultTimeout(request_id, timeout)

@@ -8,9 +8,14 @@ from typing import Any
 import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.js import api
 from nats.js.client import JetStreamContext
 
+from shared.errors import BusError
 from shared.transport.api import StoredMessage
+
+RESUBSCRIBE = 0.5
+"""Seconds between attempts to start a watch again after broker trouble."""
 
 
 class CoreSubscription:
@@ -58,12 +63,32 @@ class CoreSubscription:
 
 
 async def watch(nc: NatsClient, js: JetStreamContext, subject: str) -> AsyncIterator[StoredMessage]:
-    """Yield every stored message on `subject`, from the start, then new ones as they come."""
-    sub = await js.subscribe(subject, ordered_consumer=True)
-    try:
-        async for msg in sub.messages:
-            meta = msg.metadata
-            yield StoredMessage(meta.sequence.stream, msg.subject, msg.data, msg.headers or {})
-    finally:
-        if not nc.is_closed:
-            await sub.unsubscribe()
+    """Yield every stored message on `subject`, from the start, then new ones as they come.
+
+    Broker trouble (no stream leader during an election, a reconnect) does not end it: the
+    watch starts again after the last message it yielded, each message once.
+    """
+    next_seq = 1
+    while not nc.is_closed:
+        config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                                    opt_start_seq=next_seq)  # fmt: skip
+        try:
+            sub = await js.subscribe(subject, ordered_consumer=True, config=config)
+        except (nats.errors.Error, TimeoutError) as exc:
+            if nc.is_closed:
+                raise BusError(f"watch {subject}: {exc!r}") from None
+            await asyncio.sleep(RESUBSCRIBE)
+            continue
+        try:
+            async for msg in sub.messages:
+                seq = msg.metadata.sequence.stream
+                if seq < next_seq:
+                    continue
+                next_seq = seq + 1
+                yield StoredMessage(seq, msg.subject, msg.data, msg.headers or {})
+        except (nats.errors.Error, TimeoutError):
+            await asyncio.sleep(RESUBSCRIBE)
+        finally:
+            if not nc.is_closed:
+                with contextlib.suppress(nats.errors.Error, TimeoutError):
+                    await sub.unsubscribe()
