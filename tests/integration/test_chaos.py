@@ -2,11 +2,14 @@
 
 Real processes on loopback: a nats-server with file storage and the five stages, each started
 under a stable instance name (as compose or `up --instances` restart them). Requests flow at a
-steady rate while every stage in turn is killed with SIGKILL and started again, then the
-server itself. Each test prints its figures.
+steady rate while every stage, in a random order at random moments (the seed is printed;
+CHAOS_SEED repeats a run), is killed with SIGKILL and started again, then the server itself.
+Each test prints its figures.
 """
 
 import asyncio
+import os
+import random
 import time
 
 import pytest
@@ -69,13 +72,16 @@ async def test_stages_and_the_broker_killed_in_turn_under_load(nats_server, mesh
     client = await Client.connect(settings, url)
     ids = [new_request_id() for _ in range(REQUESTS)]
     sent: list[str] = []
+    # Random order and moments, from a seed the figures print (CHAOS_SEED repeats a run).
+    seed = int(os.environ.get("CHAOS_SEED", time.time_ns() % 1_000_000))
+    rng = random.Random(seed)
     started = time.monotonic()
     try:
         load = asyncio.create_task(publish_steadily(client, ids, sent))
-        for stage in STAGE_NAMES:  # one every 1.5 s, each back 0.5 s later
-            await asyncio.sleep(1.0)
+        for stage in rng.sample(STAGE_NAMES, len(STAGE_NAMES)):  # each once, in random order
+            await asyncio.sleep(rng.uniform(0.3, 1.2))
             procs[stage].kill()
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(rng.uniform(0.1, 1.0))  # down for a moment
             procs[stage].start()
         await asyncio.sleep(1.0)
         server = nats_server.process
@@ -101,7 +107,8 @@ async def test_stages_and_the_broker_killed_in_turn_under_load(nats_server, mesh
     duplicates = a.completed - len(completed)
     both = completed & set(dead)
     lost = set(ids) - completed - set(dead)
-    print(f"\nchaos: {REQUESTS} requests at {RATE:g}/s, published in {published:.1f}s, all "
+    print(f"\nchaos (seed {seed}): {REQUESTS} requests at {RATE:g}/s, published in "
+          f"{published:.1f}s, all "
           f"settled at {finished:.1f}s; every stage killed and restarted, then the server; "
           f"completed {len(completed)}, dead-lettered {len(dead)} "
           f"({sorted({e.reason for e in entries})}), in two places {len(both)}, lost "
