@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from shared.app.load import load
-from shared.errors import OrchestratorError
+from shared.errors import BusError, OrchestratorError, TopologyError
 from shared.runtime.group import HEALTH_STALE, StageGroup, declare
 from shared.settings import Settings
 from shared.topology import Topology
@@ -41,7 +41,7 @@ async def serve(settings: Settings, stages: list[str], url: str) -> None:
         return
     bus = connecting.result()
     try:
-        for line in await declare(bus, topology):
+        for line in await _declared(bus, topology, stop):
             log.info(line)
         group.start(bus)
         health = asyncio.create_task(_report_health(group, settings.health_file))
@@ -59,6 +59,23 @@ async def serve(settings: Settings, stages: list[str], url: str) -> None:
     finally:
         await bus.close()
     log.info("stopped")
+
+
+async def _declared(bus: Bus, topology: Topology, stop: asyncio.Event) -> list[str]:
+    """Declare the streams, waiting out broker trouble (a server restarting just as this
+    process starts); a configuration the server refuses ends the process."""
+    wait = 0.5
+    while True:
+        try:
+            return await declare(bus, topology)
+        except TopologyError:
+            raise
+        except BusError as exc:
+            if stop.is_set():
+                raise
+            log.warning("declaring the streams failed (%s); retrying in %.1fs", exc, wait)
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, 5.0)
 
 
 async def _report_health(group: StageGroup, path: Path | None) -> None:

@@ -89,6 +89,7 @@ class Affinity:
 
     async def start(self) -> None:
         """Join: announce, learn the others, take this instance's partitions."""
+        self._leaving = False  # again, after a start that failed and was undone by `leave`
         s = self._settings
         self._kv = await self._bus.key_value(
             self._topology.members_bucket(), ttl=self._cfg.failover_after, storage=s.storage,

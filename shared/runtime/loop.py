@@ -33,7 +33,14 @@ from shared.envelope import (
     encode,
     peek_ids,
 )
-from shared.errors import BusError, ConfigError, InvalidMessage, MessageTooLarge, Overloaded
+from shared.errors import (
+    BusError,
+    ConfigError,
+    InvalidMessage,
+    MessageTooLarge,
+    Overloaded,
+    TopologyError,
+)
 from shared.failure import (
     Abandoned,
     DeadLetter,
@@ -214,7 +221,7 @@ class StageRuntime:
 
         affinity = Affinity(self._bus, self._settings, self._topology, self.stage, self.instance,
                             quiesce)  # fmt: skip
-        await affinity.start()
+        await self._joined(affinity)
         self.affinity = affinity
         self._attempts = affinity.attempts
         heartbeat = asyncio.create_task(self._keep_alive())
@@ -697,6 +704,25 @@ class StageRuntime:
                             wait)  # fmt: skip
                 await asyncio.sleep(wait)
                 wait = min(wait * 2, 10.0)
+
+    async def _joined(self, affinity: Affinity) -> None:
+        """Join the stage's membership, waiting out broker trouble (a server restarting while
+        this instance starts) instead of ending the stage."""
+        wait = 0.5
+        while True:
+            try:
+                await affinity.start()
+                return
+            except TopologyError:
+                raise  # a configuration the server refuses: no wait fixes it
+            except BusError as exc:
+                if self._stopping.is_set():
+                    raise
+                log.warning("%s: cannot join yet (%s); retrying in %.1fs", self.instance, exc,
+                            wait)  # fmt: skip
+                await affinity.leave()
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, 5.0)
 
     async def _watch_for_lost(self, affinity: Affinity) -> None:
         """Get deliveries lost in transit back without waiting for ack_wait.

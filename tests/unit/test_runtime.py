@@ -533,6 +533,26 @@ async def test_a_broker_error_passing_an_output_on_is_retried_in_place(probe, mo
         assert await pipe.dead_letters() == []
 
 
+async def test_a_stage_starting_while_the_broker_stumbles_waits_instead_of_ending(
+    probe, monkeypatch
+):
+    settings = settings_for(probe, {"a": {}})
+    async with pipeline(settings) as pipe:
+        key_value, refused = pipe.bus.key_value, []
+
+        async def stumbling(*args: Any, **kw: Any) -> Any:
+            if len(refused) < 2:  # the server restarts as the stage joins
+                refused.append(args[0])
+                raise BusError("nats: timeout")
+            return await key_value(*args, **kw)
+
+        monkeypatch.setattr(pipe.bus, "key_value", stumbling)
+        pipe.start()
+        rid = await pipe.publish("ok")
+        await until(pipe.results, timeout=5)
+        assert [r.request_id for r in await pipe.results()] == [rid] and len(refused) == 2
+
+
 async def test_the_keep_alive_holds_a_handler_that_outlives_ack_wait(probe):
     # The keep-alive ticks every ack_wait/3: ack_wait is large enough for a slow CI runner.
     settings = settings_for(probe, {"a": {"ack_wait": 0.24}})
