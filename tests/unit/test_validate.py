@@ -28,7 +28,9 @@ def validate(tmp_path: Path, text: str, capsys) -> tuple[int, list[str], Path]:
 
 
 def test_the_example_files_validate(capsys):
-    for example in (ROOT / "pipeline.example.toml", ROOT / "docs/examples/moderated/pipeline.toml"):
+    examples = ["pipeline.example.toml", "docs/examples/moderated/pipeline.toml",
+                "docs/examples/cluster/pipeline.toml"]  # fmt: skip
+    for example in (ROOT / name for name in examples):
         with pytest.raises(SystemExit) as exited:
             main(["validate", str(example)])
         out = capsys.readouterr().out
