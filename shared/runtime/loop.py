@@ -72,7 +72,7 @@ FETCH_WAIT = 1.0
 """Longest the loop waits for a message; also bounds how long a stop takes to be noticed."""
 REFILL_WAIT = 0.005
 """How long a few free slots wait for more to free up before work is handed to them."""
-LOST_CHECK = 1.0
+LOST_CHECK = 0.5
 """Seconds between an idle instance's looks for deliveries lost on the way."""
 ISOLATE_AFTER = 2
 """Attempts cut off by a lost consumer after which a message runs with nothing else under way
@@ -462,7 +462,7 @@ class StageRuntime:
                 log.warning("%s: passing %s on failed (%s); retrying in %.2fs", self.instance,
                             request.request_id, exc, trouble)  # fmt: skip
                 await asyncio.sleep(trouble)
-                trouble = min(trouble * 2, 2.0)
+                trouble = min(trouble * 2, 1.0)
 
     def _notify(self, request: Envelope | None, outcome: Outcome) -> None:
         for mw in self._observers:
@@ -730,7 +730,7 @@ class StageRuntime:
         When a cluster node dies, messages it was delivering to this instance are lost on the
         way; the server redelivers them only after `ack_wait`. An instance that holds nothing,
         waits for no retry and took nothing in, while its consumer still counts deliveries
-        un-acked at two looks a second apart, has lost them: it recreates its consumer (as a
+        un-acked at two looks half a second apart, has lost them: it recreates its consumer (as a
         rebalance does), which hands them out again at once.
         """
         suspect_since: int | None = None
