@@ -6,14 +6,16 @@ import os
 import signal
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from shared.app.load import load
-from shared.errors import BusError, OrchestratorError, TopologyError
+from shared.errors import OrchestratorError
 from shared.runtime.group import HEALTH_STALE, StageGroup, declare
 from shared.settings import Settings
 from shared.topology import Topology
 from shared.transport.connection import Bus
+from shared.transport.retry import patiently
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +66,7 @@ async def serve(settings: Settings, stages: list[str], url: str) -> None:
 async def _declared(bus: Bus, topology: Topology, stop: asyncio.Event) -> list[str]:
     """Declare the streams, waiting out broker trouble (a server restarting just as this
     process starts); a configuration the server refuses ends the process."""
-    wait = 0.5
-    while True:
-        try:
-            return await declare(bus, topology)
-        except TopologyError:
-            raise
-        except BusError as exc:
-            if stop.is_set():
-                raise
-            log.warning("declaring the streams failed (%s); retrying in %.1fs", exc, wait)
-            await asyncio.sleep(wait)
-            wait = min(wait * 2, 5.0)
+    return await patiently(partial(declare, bus, topology), "declaring the streams", stop.is_set)
 
 
 async def _report_health(group: StageGroup, path: Path | None) -> None:

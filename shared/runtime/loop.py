@@ -39,7 +39,6 @@ from shared.errors import (
     InvalidMessage,
     MessageTooLarge,
     Overloaded,
-    TopologyError,
 )
 from shared.failure import (
     Abandoned,
@@ -64,6 +63,7 @@ from shared.settings import Settings
 from shared.stage import Partial
 from shared.topology import OUTCOMES, RESULTS, Topology
 from shared.transport.api import VOID, Delivery, MessageBus
+from shared.transport.retry import REFUSALS, patiently
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -691,38 +691,19 @@ class StageRuntime:
         (the keep-alive stops redelivery) until the server takes the write. MessageTooLarge is
         the caller's to handle.
         """
-        wait = 0.5
-        while True:
-            try:
-                return await write()
-            except MessageTooLarge:
-                raise
-            except BusError as exc:
-                if self._stopping.is_set():
-                    return None
-                log.warning("%s: %s failed (%s); retrying in %.1fs", self.instance, what, exc,
-                            wait)  # fmt: skip
-                await asyncio.sleep(wait)
-                wait = min(wait * 2, 10.0)
+        try:
+            return await patiently(write, f"{self.instance}: {what}", self._stopping.is_set,
+                                   cap=10.0)  # fmt: skip
+        except REFUSALS:
+            raise
+        except BusError:  # only once stopping
+            return None
 
     async def _joined(self, affinity: Affinity) -> None:
         """Join the stage's membership, waiting out broker trouble (a server restarting while
         this instance starts) instead of ending the stage."""
-        wait = 0.5
-        while True:
-            try:
-                await affinity.start()
-                return
-            except TopologyError:
-                raise  # a configuration the server refuses: no wait fixes it
-            except BusError as exc:
-                if self._stopping.is_set():
-                    raise
-                log.warning("%s: cannot join yet (%s); retrying in %.1fs", self.instance, exc,
-                            wait)  # fmt: skip
-                await affinity.leave()
-                await asyncio.sleep(wait)
-                wait = min(wait * 2, 5.0)
+        await patiently(affinity.start, f"{self.instance}: joining", self._stopping.is_set,
+                        between=affinity.leave)  # fmt: skip
 
     async def _watch_for_lost(self, affinity: Affinity) -> None:
         """Get deliveries lost in transit back without waiting for ack_wait.
