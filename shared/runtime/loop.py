@@ -435,9 +435,10 @@ class StageRuntime:
         else:
             subject = self._topology.subject_for(self._channels[to], request.session_id)
         headers = carry
-        if (replay := received_headers.get(deadletter.REPLAY_OF)) is not None:
+        replay = received_headers.get(deadletter.REPLAY_OF)
+        if replay is not None:
             headers = {**(carry or {}), deadletter.REPLAY_OF: replay}
-        msg_id = self._output_id(request, received_headers)
+        msg_id = self._output_id(request, replay)
         give_up, pause, trouble = time.monotonic() + self._cfg.shed_after, 0.05, 0.25
         while True:
             try:
@@ -549,10 +550,10 @@ class StageRuntime:
         reason, error = found[0]
         return DeadLetter(Reason(reason), error)
 
-    def _output_id(self, request: Envelope, received_headers: Mapping[str, str]) -> str:
+    def _output_id(self, request: Envelope, replay: str | None) -> str:
         """The message id of this stage's output for `request`: the same for every delivery
-        of one input, so the server stores one; a replay's is its own."""
-        replay = received_headers.get(deadletter.REPLAY_OF)
+        of one input, so the server stores one; a replay's (`replay`: the dead-letter entry it
+        came from) is its own."""
         suffix = "" if replay is None else f":replay{replay}"
         return f"{request.request_id}:{self.name}{suffix}"
 
@@ -575,7 +576,7 @@ class StageRuntime:
                 return isinstance(decode_answer(stored.data, len(stored.data)), Result)
             except InvalidMessage:
                 return False
-        msg_id = self._output_id(request, received_headers)
+        msg_id = self._output_id(request, received_headers.get(deadletter.REPLAY_OF))
         went = False
         for channel in self._channels.values():
             subject = self._topology.subject_for(channel, request.session_id)
