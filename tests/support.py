@@ -322,3 +322,22 @@ class NatsCluster:
         """Stop every node (SIGTERM, then SIGKILL)."""
         for node in self.nodes:
             node.stop()
+
+
+async def publish_all(client: Client, requests: list[tuple[str, str]]) -> tuple[list[str], int]:
+    """Publish (text, session) pairs at once; return the ids the intake took and how many it
+    refused as Overloaded (any other error is raised)."""
+    from shared.errors import Overloaded
+
+    outcomes = await asyncio.gather(
+        *(client.publish(text, session) for text, session in requests), return_exceptions=True
+    )
+    accepted, refused = [], 0
+    for outcome in outcomes:
+        if isinstance(outcome, Overloaded):
+            refused += 1
+        elif isinstance(outcome, BaseException):
+            raise outcome
+        else:
+            accepted.append(outcome)
+    return accepted, refused

@@ -17,12 +17,12 @@ import pytest
 from shared.client import Client
 from shared.dlq import DeadLetterQueue
 from shared.envelope import new_request_id
-from shared.errors import Overloaded
 from shared.topology import Topology
 from shared.transport.connection import Bus
 from tests.support import (
     STAGE_NAMES,
     peak_rss_mb,
+    publish_all,
     settings_for,
     wait_quiet,
     wait_until_consuming,
@@ -153,18 +153,11 @@ async def test_an_overload_soak_sheds_only_to_the_intake_and_the_dead_letter_str
         soak_end = time.monotonic() + 5.0
         while time.monotonic() < soak_end:
             batch = max(1, int(sustainable))  # ten batches a second: ten times sustainable
-            outcomes = await asyncio.gather(
-                *(client.publish(f"soak {offered + j}", f"soak-{j % 30}") for j in range(batch)),
-                return_exceptions=True,
-            )
+            requests = [(f"soak {offered + j}", f"soak-{j % 30}") for j in range(batch)]
+            taken, turned_away = await publish_all(client, requests)
             offered += batch
-            for outcome in outcomes:
-                if isinstance(outcome, Overloaded):
-                    refused += 1
-                elif isinstance(outcome, BaseException):
-                    raise outcome
-                else:
-                    accepted += 1
+            accepted += len(taken)
+            refused += turned_away
             await asyncio.sleep(0.1)
         status = await wait_quiet(url, settings, timeout=120)
         after = await ask_times(client, 10)

@@ -13,7 +13,7 @@ import pytest
 
 from shared.client import Client
 from shared.dlq import DeadLetterQueue, EntryFilter
-from shared.errors import Overloaded, RequestDeadLettered
+from shared.errors import RequestDeadLettered
 from shared.topology import COUNTERS, OUTCOMES, Topology
 from shared.transport.connection import Bus
 from tests.support import (
@@ -21,6 +21,7 @@ from tests.support import (
     collect,
     orchestrator_command,
     peak_rss_mb,
+    publish_all,
     settings_for,
     wait_quiet,
     wait_until_consuming,
@@ -75,18 +76,11 @@ async def test_overload_sheds_with_reason_and_accounts_for_everything(nats_serve
     accepted, refused = [], 0
     try:
         for start in range(0, 400, 50):
-            outcomes = await asyncio.gather(
-                *(client.publish(f"q{i}: what is backpressure?", f"s{i % 9}")
-                  for i in range(start, start + 50)),
-                return_exceptions=True,
-            )  # fmt: skip
-            for outcome in outcomes:
-                if isinstance(outcome, Overloaded):
-                    refused += 1
-                elif isinstance(outcome, BaseException):
-                    raise outcome
-                else:
-                    accepted.append(outcome)
+            requests = [(f"q{i}: what is backpressure?", f"s{i % 9}")
+                        for i in range(start, start + 50)]  # fmt: skip
+            taken, turned_away = await publish_all(client, requests)
+            accepted += taken
+            refused += turned_away
     finally:
         await client.close()
 
