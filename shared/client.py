@@ -168,13 +168,17 @@ class Client:
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
         async def tokens() -> None:
-            async for msg in self.bus.watch(self.topology.token_subject(request_id)):
-                await events.put(("token", orjson.loads(msg.data)))
+            try:
+                async for msg in self.bus.watch(self.topology.token_subject(request_id)):
+                    await events.put(("token", orjson.loads(msg.data)))
+            except (BusError, orjson.JSONDecodeError) as exc:  # the result still comes
+                log.debug("the tokens of %s cannot be followed: %s", request_id, exc)
 
         async def result() -> None:
+            # Whatever ends the wait is handed over: the loop below waits for nothing else.
             try:
                 await events.put(("result", await self.result(request_id, timeout)))
-            except (ResultTimeout, RequestDeadLettered) as exc:
+            except Exception as exc:
                 await events.put(("error", exc))
 
         tasks = [asyncio.create_task(tokens()), asyncio.create_task(result())]

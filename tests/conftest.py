@@ -6,14 +6,18 @@ through testcontainers instead (ORCH_TEST_DOCKER=0 turns that off); tests that k
 server ask for `nats_binary`, which is always the binary.
 """
 
+import asyncio
 import functools
 import os
 import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import pytest
 
@@ -107,3 +111,34 @@ def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> Iterator[None]:
+    """On a timeout, print where each asyncio task waits before the test fails: the thread
+    stacks pytest-timeout prints end in the event loop's select and say nothing of them."""
+    yield
+    fail = signal.getsignal(signal.SIGALRM)
+    if not callable(fail):
+        return
+
+    def dump_then_fail(signum: int, frame: FrameType | None) -> None:
+        _print_tasks()
+        fail(signum, frame)
+
+    signal.signal(signal.SIGALRM, dump_then_fail)
+
+
+def _print_tasks() -> None:
+    loop = asyncio._get_running_loop()
+    if loop is None:
+        return
+    for task in asyncio.all_tasks(loop):
+        print(f"--- asyncio task {task.get_name()} waits in:", file=sys.stderr)
+        awaited: Any = task.get_coro()
+        while awaited is not None:
+            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "ag_frame", None)
+            if frame is not None:
+                print(f"  {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}",
+                      file=sys.stderr)  # fmt: skip
+            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "ag_await", None)

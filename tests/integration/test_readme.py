@@ -157,10 +157,14 @@ def test_scaling_with_affinity(shell, nats_server):
     shell.env["ORCH_NATS_URL"] = nats_server.url
     up, status = block_with("orchestrator up --instances 3")
     shell.do(up)
-    shown = shell.until(status, lambda done: done.stdout.count("inference-") >= 3)
+    stages = ("rag", "assemble", "inference", "post", "stream")
+
+    def all_joined(done: subprocess.CompletedProcess[str]) -> bool:
+        return all(done.stdout.count(f"{stage}-") >= 3 for stage in stages)
+
+    shown = shell.until(status, all_joined)  # instances join one by one, in any order
     assert shown.returncode == 0, shown.stderr
-    for stage in ("rag", "assemble", "inference", "post", "stream"):
-        assert shown.stdout.count(f"{stage}-") >= 3, shown.stdout
+    assert all_joined(shown), shown.stdout
     assert shell.stop()[up] == 0
 
 

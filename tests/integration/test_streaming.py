@@ -4,8 +4,11 @@ follower that starts late still gets the whole answer."""
 import asyncio
 import time
 
+import pytest
+
 from shared.client import Chunk
-from shared.envelope import Result
+from shared.envelope import Result, new_request_id
+from shared.errors import InvalidMessage
 from tests.support import in_process_pipeline, orchestrator_command, stage_env
 
 SLOW = {"ORCH_STAGES__INFERENCE__OPTIONS__ECHO__TOKEN_DELAY": "0.01"}
@@ -33,6 +36,17 @@ async def test_tokens_reach_the_client_before_the_result(nats_server):
         quiet = await client.publish("no tokens for me", "s2")
         items = [item async for item in client.follow(quiet, timeout=30)]
         assert len(items) == 2 and items[0] == Chunk(items[1].output)
+
+
+async def test_a_follower_is_told_when_the_result_is_unreadable(nats_server):
+    async with in_process_pipeline(nats_server.url) as (_, bus, client, _):
+        request_id = new_request_id()
+        await bus.publish(client.topology.result_subject(request_id), b"not json",
+                          msg_id="garbage")  # fmt: skip
+        async with asyncio.timeout(20):  # it used to wait here forever
+            with pytest.raises(InvalidMessage, match="not valid JSON"):
+                async for _ in client.follow(request_id, timeout=5):
+                    pass
 
 
 async def test_ask_stream_prints_tokens_as_they_come(nats_server):
