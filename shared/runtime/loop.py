@@ -710,14 +710,27 @@ class StageRuntime:
         """Get deliveries lost in transit back without waiting for ack_wait.
 
         When a cluster node dies, messages it was delivering to this instance are lost on the
-        way; the server redelivers them only after `ack_wait`. An instance that holds nothing,
-        waits for no retry and took nothing in, while its consumer still counts deliveries
-        un-acked at two looks half a second apart, has lost them: it recreates its consumer (as a
-        rebalance does), which hands them out again at once.
+        way; the server redelivers them only after `ack_wait`. Lost deliveries are known in
+        two ways: a delivery number skipped for LOST_CHECK (later ones came), or, when nothing
+        came after them, an instance that holds nothing, waits for no retry and took nothing
+        in while its consumer still counts deliveries un-acked at two looks half a second
+        apart. Either way it recreates its consumer (as a rebalance does), which hands them
+        out again at once.
         """
         suspect_since: int | None = None
+        acted_on: float | None = None  # the gap a recreation is already asked for
         while True:
             await asyncio.sleep(LOST_CHECK)
+            puller = affinity.puller
+            missing = puller.missing_since() if puller is not None else None
+            if missing is not None and time.monotonic() - missing >= LOST_CHECK:
+                if missing != acted_on and not self._stopping.is_set():
+                    log.warning("%s: deliveries were lost on the way; recreating the consumer "
+                                "to have them again", self.instance)  # fmt: skip
+                    affinity.check_consumer()
+                    acted_on = missing
+                suspect_since = None
+                continue
             busy = self._inflight or time.monotonic() < self._retries_due
             if busy or not affinity.owned or self._stopping.is_set():
                 suspect_since = None

@@ -135,6 +135,11 @@ class Puller(Protocol):
         """Forget what was asked for and received (the consumer was deleted)."""
         ...
 
+    def missing_since(self) -> float | None:
+        """Since when (time.monotonic) a delivery the server sent has been missing here,
+        lost on the way; None when none is."""
+        ...
+
     async def fetch(self, room: int, timeout: float, *, ask: bool = True) -> list[Delivery]:
         """Up to `room` messages: those received, else the first within `timeout`."""
         ...

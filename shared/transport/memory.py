@@ -489,6 +489,10 @@ class MemoryPuller:
         """Forget the consumer pulled from: the next fetch pulls from the one of that name."""
         self._consumer = None
 
+    def missing_since(self) -> float | None:
+        """None: nothing is lost between this broker and its puller."""
+        return None
+
     async def fetch(self, room: int, timeout: float, *, ask: bool = True) -> list[MemoryDelivery]:
         """Up to `room` deliveries available now, else the first within `timeout`.
 

@@ -30,25 +30,28 @@ request the server still serves only lets a few more messages in than asked for.
 class JetStreamDelivery:
     """One message handed to a consumer, with the operations that settle it."""
 
-    __slots__ = ("_msg", "data", "delivered", "headers", "stream_seq", "subject")
+    __slots__ = ("_msg", "data", "delivered", "delivery_seq", "headers", "stream_seq", "subject")
 
     def __init__(self, msg: Msg) -> None:
         self._msg = msg
         self.data: bytes = msg.data
         self.subject: str = msg.subject
         self.headers: Mapping[str, str] = msg.headers or {}
-        # The two numbers the runtime needs, read straight from the ack subject
-        # ($JS.ACK.[<domain>.<account>.]<stream>.<consumer>.<delivered>.<stream seq>...):
-        # nats-py's `metadata` also builds a datetime and three objects per message.
+        # The numbers needed, read straight from the ack subject ($JS.ACK.[<domain>.<account>.]
+        # <stream>.<consumer>.<delivered>.<stream seq>.<delivery seq>...): nats-py's
+        # `metadata` also builds a datetime and three objects per message.
         tokens = (msg.reply or "").split(".")
         at = 4 if len(tokens) == 9 else 6 if len(tokens) >= 11 else 0
         self.delivered: int
         self.stream_seq: int
+        self.delivery_seq: int
         if at and tokens[1] == "ACK":
             self.delivered, self.stream_seq = int(tokens[at]), int(tokens[at + 1])
+            self.delivery_seq = int(tokens[at + 2])
         else:
             meta = msg.metadata  # raises for what is not a JetStream delivery
             self.delivered, self.stream_seq = meta.num_delivered, meta.sequence.stream
+            self.delivery_seq = meta.sequence.consumer
 
     async def ack(self) -> None:
         """Settle as done; the work-queue stream deletes the message."""
@@ -93,6 +96,7 @@ class JetStreamPuller:
         self._reconnects = 0
         self._arrived = asyncio.Event()
         self._error: str | None = None
+        self._gaps = DeliveryGaps()
 
     async def start(self) -> None:
         """Subscribe to the inbox the consumer's messages are delivered to."""
@@ -112,6 +116,12 @@ class JetStreamPuller:
         self._open.clear()
         self._credit = 0
         self._error = None
+        self._gaps = DeliveryGaps()
+
+    def missing_since(self) -> float | None:
+        """Since when (time.monotonic) a delivery the server sent has been missing here,
+        lost on the way; None when none is."""
+        return self._gaps.since
 
     async def fetch(
         self, room: int, timeout: float, *, ask: bool = True
@@ -162,10 +172,12 @@ class JetStreamPuller:
         headers = msg.headers
         if msg.reply:  # a JetStream delivery: it carries its ack subject
             try:
-                self._ready.append(JetStreamDelivery(msg))
+                delivery = JetStreamDelivery(msg)
             except Exception as exc:  # nothing on this inbox may stop the stage
                 log.warning("dropped a message on the pull inbox: %r", exc)
                 return
+            self._gaps.saw(delivery.delivery_seq)
+            self._ready.append(delivery)
             self._credit = max(0, self._credit - 1)
         elif headers and headers.get("Status", "100") != "100":  # not a heartbeat
             self._ended(msg.subject.rpartition(".")[2], headers)
@@ -209,6 +221,39 @@ class JetStreamPuller:
         if self._error is not None:
             error, self._error = self._error, None
             raise BusError(error)
+
+
+class DeliveryGaps:
+    """Deliveries of one consumer that never arrived, found from their sequence numbers.
+
+    A consumer numbers its deliveries 1, 2, 3... and one connection carries them in order,
+    so a number skipped is a delivery lost on the way (its route or server died), which the
+    server would otherwise redeliver only after ack_wait. A number lower than expected means
+    a new consumer leader numbers from what it knew: what it did not know it delivers afresh.
+    """
+
+    __slots__ = ("_expected", "_gaps")
+
+    def __init__(self) -> None:
+        self._expected: int | None = None
+        self._gaps: list[tuple[int, int, float]] = []  # first, last missing, noticed at
+
+    def saw(self, seq: int) -> None:
+        """Delivery number `seq` arrived."""
+        expected = self._expected
+        if expected is None or seq == expected:
+            self._expected = seq + 1
+            return
+        if seq > expected:
+            self._gaps.append((expected, seq - 1, time.monotonic()))
+        else:  # renumbered from `seq` on: what was missing from there is not owed
+            self._gaps = [(lo, min(hi, seq - 1), at) for lo, hi, at in self._gaps if lo < seq]
+        self._expected = seq + 1
+
+    @property
+    def since(self) -> float | None:
+        """When the oldest gap was noticed, or None."""
+        return self._gaps[0][2] if self._gaps else None
 
 
 async def open_puller(nc: NatsClient, spec: ConsumerSpec, largest: int) -> JetStreamPuller:

@@ -155,3 +155,26 @@ async def test_reset_forgets_what_a_deleted_consumer_delivered(nats_server):
         assert puller.idle
         assert await puller.fetch(5, 0.5, ask=False) == []
         await puller.close()
+
+
+async def test_a_delivery_lost_on_the_way_is_noticed_when_a_later_one_comes(nats_server):
+    async with post_consumer(nats_server.url, 1) as (bus, topology, consumer):
+        puller = await bus.pull(consumer, largest=1)
+        await take(puller, 1)
+        assert puller.missing_since() is None
+        # A second requester stands for a dying route: delivery 2 goes where it never
+        # reaches this puller, whose request waits behind it.
+        other = await bus.pull(consumer, largest=1)
+        assert await other.fetch(1, 0.1) == []
+        assert await puller.fetch(1, 0.1) == []
+        for i in range(2):
+            await bus.publish(topology.channel_subject("post", 0), b"{}", msg_id=f"n{i}")
+        [taken_elsewhere] = await take(other, 1)
+        [after_it] = await take(puller, 1)
+        assert taken_elsewhere.headers["Nats-Msg-Id"] == "n0"
+        assert after_it.headers["Nats-Msg-Id"] == "n1"
+        assert puller.missing_since() is not None
+        puller.reset()  # the consumer is recreated: nothing is owed any more
+        assert puller.missing_since() is None
+        await other.close()
+        await puller.close()
