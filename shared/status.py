@@ -98,6 +98,7 @@ async def members_by_stage(bus: MessageBus, topology: Topology) -> dict[str, dic
         topology.members_bucket(), ttl=settings.affinity.failover_after, storage=settings.storage,
         replicas=settings.replicas,
         placement=tuple(settings.placement),
+        adjust=False,  # a reader's settings are not the deployment's to impose
     )  # fmt: skip
     out: dict[str, dict[str, list[int]]] = {}
     for value in (await kv.items("")).values():

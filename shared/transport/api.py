@@ -284,8 +284,18 @@ class MessageBus(Protocol):
         """A continuous pull from the durable consumer of `spec`."""
         ...
 
-    async def key_value(self, bucket: str, ttl: float, storage: str, replicas: int = 1) -> KeyValue:
-        """Create (or bind to) a key-value bucket, stored on `replicas` servers of a cluster."""
+    async def key_value(
+        self,
+        bucket: str,
+        ttl: float,
+        storage: str,
+        replicas: int = 1,
+        placement: tuple[str, ...] = (),
+        *,
+        adjust: bool = True,
+    ) -> KeyValue:
+        """Create (or bind to) a key-value bucket, stored on `replicas` servers of a cluster
+        (with the `placement` tags); with `adjust`, an existing one is brought to those."""
         ...
 
     async def subscribe(self, subject: str) -> Subscription:

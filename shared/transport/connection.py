@@ -146,9 +146,13 @@ class Bus:
         storage: str,
         replicas: int = 1,
         placement: tuple[str, ...] = (),
+        *,
+        adjust: bool = True,
     ) -> JetStreamKeyValue:
-        """Create (or bind to) a key-value bucket whose entries expire `ttl` s after a put."""
-        return await open_bucket(self._js, bucket, ttl, storage, replicas, placement)
+        """Create (or bind to) a key-value bucket whose entries expire `ttl` s after a put;
+        with `adjust`, an existing one is brought to `replicas` and `placement`."""
+        return await open_bucket(self._js, bucket, ttl, storage, replicas, placement,
+                                 adjust=adjust)  # fmt: skip
 
     async def subscribe(self, subject: str) -> CoreSubscription:
         """Subscribe to `subject` with core NATS (no persistence; see `watch` for streams)."""

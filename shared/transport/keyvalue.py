@@ -7,6 +7,7 @@ from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue as NatsKeyValue
 
 from shared.errors import BusError
+from shared.transport.translate import change
 
 
 async def open_bucket(
@@ -16,9 +17,12 @@ async def open_bucket(
     storage: str,
     replicas: int = 1,
     placement: tuple[str, ...] = (),
+    *,
+    adjust: bool = True,
 ) -> "JetStreamKeyValue":
     """Create (or bind to) a bucket whose entries expire `ttl` seconds after a put, stored on
-    `replicas` servers of a cluster (with the `placement` tags)."""
+    `replicas` servers of a cluster (with the `placement` tags). With `adjust`, an existing
+    bucket is brought to those (its other limits stay); without, it is used as it is."""
     config = api.KeyValueConfig(
         bucket=bucket, history=1, ttl=ttl, storage=api.StorageType(storage), replicas=replicas
     )
@@ -29,11 +33,27 @@ async def open_bucket(
                 kv = await js.key_value(bucket)
             else:
                 kv = await js.create_key_value(config=config)
-        except nats.js.errors.APIError:
-            kv = await js.key_value(bucket)  # exists with other limits: use it as it is
+        except nats.js.errors.APIError:  # it exists, made with other settings
+            kv = await js.key_value(bucket)
+            if adjust:
+                await _place(js, bucket, replicas, placement)
     except nats.errors.Error as exc:
         raise BusError(f"open bucket {bucket}: {exc!r}") from None
     return JetStreamKeyValue(kv, bucket)
+
+
+async def _place(js: JetStreamContext, bucket: str, replicas: int, tags: tuple[str, ...]) -> None:
+    # An existing bucket follows `replicas` and placement as the streams do (the server moves
+    # it); its other limits are left as they are.
+    info = await js.stream_info(f"KV_{bucket}")
+    config = info.config
+    placed = tuple(config.placement.tags or ()) if config.placement else ()
+    if config.num_replicas == replicas and placed == tags:
+        return
+    config.num_replicas = replicas
+    config.placement = api.Placement(tags=list(tags)) if tags else None
+    what = f"update bucket {bucket} (replicas {replicas}, placement tags {list(tags)})"
+    await change(js.update_stream(config), what)
 
 
 def _placed_stream(config: api.KeyValueConfig, placement: tuple[str, ...]) -> api.StreamConfig:

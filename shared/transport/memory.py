@@ -834,6 +834,8 @@ class MemoryBus:
         storage: str,
         replicas: int = 1,
         placement: tuple[str, ...] = (),
+        *,
+        adjust: bool = True,
     ) -> MemoryKeyValue:
         """Create (or bind to, keeping its ttl) a key-value bucket (one server: no replicas)."""
         self.check_open()

@@ -5,6 +5,7 @@ own processes and are given every node's URL. Each test prints its figures.
 """
 
 import asyncio
+import contextlib
 import signal
 import time
 
@@ -12,6 +13,7 @@ import nats
 import pytest
 
 from shared.client import Client
+from shared.errors import BusError
 from shared.topology import Topology
 from tests.support import (
     STAGE_NAMES,
@@ -84,6 +86,31 @@ async def test_placement_puts_streams_and_buckets_on_the_tagged_servers(nats_clu
     assert {name: await leader_of(nats_cluster.url, name) for name in names} == dict.fromkeys(
         names, "n1"
     )
+
+
+async def test_a_bucket_made_with_other_replicas_follows_the_setting(nats_cluster):
+    from shared.transport.connection import Bus
+
+    async with await Bus.connect(nats_cluster.url, name="test-bucket-replicas") as bus:
+        await bus.key_value("grown", ttl=10, storage="file", replicas=1)
+        kv = await bus.key_value("grown", ttl=10, storage="file", replicas=3)
+        async with asyncio.timeout(30):  # the new peers catch up first
+            while True:
+                try:
+                    await kv.put("k", b"v")
+                    break
+                except BusError:
+                    await asyncio.sleep(0.2)
+        assert await kv.get("k") == b"v"
+        assert await replicas_of(nats_cluster.url, ["KV_grown"]) == {"KV_grown": 3}
+        await bus.key_value("moved", ttl=10, storage="file")
+        await bus.key_value("moved", ttl=10, storage="file", placement=("node:n2",))
+        async with asyncio.timeout(30):  # the server moves it in the background
+            while True:
+                with contextlib.suppress(AssertionError):  # no leader during the move
+                    if await leader_of(nats_cluster.url, "KV_moved") == "n2":
+                        break
+                await asyncio.sleep(0.2)
 
 
 async def leaders_back(url: str, streams: list[str], since: float) -> float:
