@@ -43,6 +43,10 @@ from shared.transport.api import ConsumerView, KeyValue, MessageBus, Puller, Sto
 log = logging.getLogger(__name__)
 
 KV_OPERATION = "KV-Operation"
+GONE_CHECK_WAIT = 1.0
+"""Seconds a fetch error waits to learn whether the consumer is gone before pulling again."""
+FORCED_CHECK_WAIT = 0.05
+"""Seconds at most before a check asked for is made (else it waits for the next heartbeat)."""
 
 
 class Affinity:
@@ -79,6 +83,7 @@ class Affinity:
         self._consumer_ok = False
         self._leaving = False
         self._force = False
+        self._moving = False  # quiescing and recreating the consumer
         self._kv: KeyValue | None = None
         self._task: asyncio.Task[None] | None = None
         self._beat_task: asyncio.Task[None] | None = None
@@ -191,7 +196,10 @@ class Affinity:
         beat = self._cfg.heartbeat
         next_check = time.monotonic() + beat
         while not self._leaving:
-            msg = await self._sub.next_message(max(0.0, next_check - time.monotonic()))
+            wait = max(0.0, next_check - time.monotonic())
+            if self._force:  # a check asked for (lost deliveries, a missing consumer): now
+                wait = min(wait, FORCED_CHECK_WAIT)
+            msg = await self._sub.next_message(wait)
             changed = msg is not None and self._hear(msg)
             # Read everything already queued before judging silence: after a stall of this
             # process, the others' heartbeats are waiting here, not missing.
@@ -224,9 +232,16 @@ class Affinity:
         if not self.owned:
             return False
         try:
-            return await self._bus.admin.consumer(self._stream, self._name) is None
-        except BusError:
+            # Bounded well below the API's own timeout: the caller's loop waits meanwhile.
+            async with asyncio.timeout(GONE_CHECK_WAIT):
+                return await self._bus.admin.consumer(self._stream, self._name) is None
+        except (BusError, TimeoutError):
             return False
+
+    @property
+    def check_pending(self) -> bool:
+        """A check of the consumer is asked for, or partitions are being moved."""
+        return self._force or self._moving
 
     def check_consumer(self) -> None:
         """Ask for this instance's consumer to be verified (a fetch found it missing)."""
@@ -243,10 +258,13 @@ class Affinity:
         force, self._force = self._force, False
         if desired == set(self.owned) and not (force and desired):
             return
-        resume = await self._quiesce() if pause and self._quiesce else None
+        self._moving = True
+        resume = None
         try:
+            resume = await self._quiesce() if pause and self._quiesce else None
             await self._move_to(desired)
         finally:
+            self._moving = False
             if resume is not None:
                 resume()
 

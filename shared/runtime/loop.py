@@ -123,6 +123,7 @@ class StageRuntime:
         self.last_loop = time.monotonic()
         """When the fetch loop last went round: a loop that stops turning is unhealthy."""
         self._taken = 0  # deliveries taken in so far
+        self._finished = 0  # and done with (settled, or left to come again)
         self._retries_due = 0.0  # when the last message nak'ed with a delay comes back
 
     @property
@@ -326,6 +327,7 @@ class StageRuntime:
                 await attempts.settled(delivery.stream_seq)
         finally:
             del self._inflight[delivery]
+            self._finished += 1
 
     async def _suspect(self, delivery: Delivery, received: float, prior: Prior) -> bool:
         """Handle a message that an earlier consumer held un-acked; True once it is settled.
@@ -712,43 +714,46 @@ class StageRuntime:
         When a cluster node dies, messages it was delivering to this instance are lost on the
         way; the server redelivers them only after `ack_wait`. Lost deliveries are known in
         two ways: a delivery number skipped for LOST_CHECK (later ones came), or, when nothing
-        came after them, an instance that holds nothing, waits for no retry and took nothing
-        in while its consumer still counts deliveries un-acked at two looks half a second
-        apart. Either way it recreates its consumer (as a rebalance does), which hands them
-        out again at once.
+        came after them, the consumer counting more deliveries un-acked than the instance
+        holds at two looks half a second apart with nothing taken in or finished between
+        (so no ack was still on its way) and no retry due. Either way it recreates its
+        consumer (as a rebalance does), which hands them out again at once.
         """
-        suspect_since: int | None = None
-        acted_on: float | None = None  # the gap a recreation is already asked for
+        suspect: tuple[int, int, int] | None = None  # taken, finished, unaccounted at a look
         while True:
             await asyncio.sleep(LOST_CHECK)
             puller = affinity.puller
-            missing = puller.missing_since() if puller is not None else None
+            quiet = not affinity.check_pending and affinity.owned and puller is not None
+            if not quiet or self._stopping.is_set():
+                suspect = None
+                continue
+            assert puller is not None
+            missing = puller.missing_since()
             if missing is not None and time.monotonic() - missing >= LOST_CHECK:
-                if missing != acted_on and not self._stopping.is_set():
-                    log.warning("%s: deliveries were lost on the way; recreating the consumer "
-                                "to have them again", self.instance)  # fmt: skip
-                    affinity.check_consumer()
-                    acted_on = missing
-                suspect_since = None
+                log.warning("%s: deliveries were lost on the way; recreating the consumer to "
+                            "have them again", self.instance)  # fmt: skip
+                affinity.check_consumer()
+                suspect = None
                 continue
-            busy = self._inflight or time.monotonic() < self._retries_due
-            if busy or not affinity.owned or self._stopping.is_set():
-                suspect_since = None
+            if puller.backlog or time.monotonic() < self._retries_due:
+                suspect = None
                 continue
+            taken, finished, held = self._taken, self._finished, len(self._inflight)
             try:
                 view = await self._bus.admin.consumer(self._stream, affinity.consumer_name)
             except BusError:
                 continue
-            if view is None or view.state.ack_pending == 0:
-                suspect_since = None
-            elif suspect_since != self._taken:  # first look, or something came meanwhile
-                suspect_since = self._taken
+            unaccounted = view.state.ack_pending - held if view is not None else 0
+            look = (taken, finished, unaccounted)
+            if unaccounted <= 0 or (taken, finished) != (self._taken, self._finished):
+                suspect = None
+            elif suspect != look:  # first look, or something came or went meanwhile
+                suspect = look
             else:
-                lost = view.state.ack_pending
                 log.warning("%s: %d deliveries were lost on the way; recreating the consumer "
-                            "to have them again", self.instance, lost)  # fmt: skip
+                            "to have them again", self.instance, unaccounted)  # fmt: skip
                 affinity.check_consumer()
-                suspect_since = None
+                suspect = None
 
     async def _keep_alive(self) -> None:
         # Long handlers (model calls) must not outlive ack_wait, or the message is redelivered

@@ -131,6 +131,11 @@ class Puller(Protocol):
         """Nothing asked for is still to come, and nothing received is left to take."""
         ...
 
+    @property
+    def backlog(self) -> int:
+        """Deliveries received and not yet taken by `fetch`."""
+        ...
+
     def reset(self) -> None:
         """Forget what was asked for and received (the consumer was deleted)."""
         ...

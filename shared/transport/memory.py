@@ -485,6 +485,11 @@ class MemoryPuller:
         """Always: messages are handed over inside `fetch` only, never held in between."""
         return True
 
+    @property
+    def backlog(self) -> int:
+        """Always 0: messages are handed over inside `fetch` only."""
+        return 0
+
     def reset(self) -> None:
         """Forget the consumer pulled from: the next fetch pulls from the one of that name."""
         self._consumer = None

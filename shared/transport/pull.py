@@ -109,6 +109,11 @@ class JetStreamPuller:
         self._prune()
         return not self._ready and self._credit == 0
 
+    @property
+    def backlog(self) -> int:
+        """Deliveries received and not yet taken by `fetch`."""
+        return len(self._ready)
+
     def reset(self) -> None:
         """Forget what was asked for and received: the consumer was deleted, and what it
         delivered is delivered again by its successor."""

@@ -13,6 +13,7 @@ import nats
 import pytest
 
 from shared.client import Client
+from shared.envelope import Result
 from shared.errors import BusError
 from shared.topology import Topology
 from tests.support import (
@@ -165,12 +166,23 @@ async def lose_a_leader(cluster, client, settings, stream: str, n: int, label: s
     leaders = await back
     led_again = killed_wall + leaders
     mine = [results[rid][0] for rid in stored]
-    catch_up = max(r.completed_at - max(led_again, stored[r.request_id]) for r in mine)
+
+    def late(r: Result) -> float:
+        return r.completed_at - max(led_again, stored[r.request_id])
+
+    latest = max(mine, key=late)
+    catch_up = late(latest)
     slowest = max(mine, key=lambda r: r.completed_at - r.created_at)
     print(f"\n{label}: {n} requests at 200/s; {stream}'s leader {victim} killed; every stream "
           f"and consumer led again {leaders:.1f}s after; every request done within "
           f"{catch_up:.1f}s of that (or of being stored, if later); slowest from creation "
           f"{slowest.completed_at - slowest.created_at:.1f}s")  # fmt: skip
+    path = ", ".join(f"{h.stage} {h.received - led_again:+.1f}..{h.done - led_again:+.1f}"
+                     for h in latest.hops)  # fmt: skip
+    print(
+        f"  the latest, from leaders back: stored {stored[latest.request_id] - led_again:+.1f}, "
+        f"{path}, done {latest.completed_at - led_again:+.1f}"
+    )
     return set(stored)
 
 
