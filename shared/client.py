@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 from opentelemetry import propagate
 
+from shared.cancel import cancel_and_wait
 from shared.envelope import (
     DeadLettered,
     MetaValue,
@@ -205,9 +206,7 @@ class Client:
                     told = True
                     yield Chunk(item["text"])
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_and_wait(tasks)
 
     async def result(self, request_id: str, timeout: float = 30.0) -> Result:
         """The result of `request_id`: at once if stored, else when it arrives.

@@ -8,6 +8,7 @@ server ask for `nats_binary`, which is always the binary.
 
 import asyncio
 import functools
+import gc
 import os
 import shutil
 import signal
@@ -142,3 +143,7 @@ def _print_tasks() -> None:
                 print(f"  {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}",
                       file=sys.stderr)  # fmt: skip
             awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "ag_await", None)
+            if awaited is not None and not hasattr(awaited, "cr_frame"):
+                # An async generator's asend/athrow: go on into the generator it drives.
+                generators = [r for r in gc.get_referents(awaited) if hasattr(r, "ag_frame")]
+                awaited = generators[0] if generators else awaited

@@ -1,9 +1,9 @@
 """The demo: every stage in this process, ten requests through them, results and latencies."""
 
 import asyncio
-import contextlib
 from typing import TextIO
 
+from shared.cancel import cancel_and_wait
 from shared.client import Client
 from shared.errors import OrchestratorError
 from shared.latency import format_table, stage_latencies
@@ -48,9 +48,7 @@ async def run_demo(
         stages = asyncio.ensure_future(group.wait())
         await asyncio.wait({work, stages}, return_when=asyncio.FIRST_COMPLETED)
         if not work.done():  # a stage stopped (its set-up failed): say so now, not at timeout
-            work.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await work
+            await cancel_and_wait([work])
             await stages  # re-raises the stage's error
             raise OrchestratorError("a stage stopped before the demo was done")
         stages.cancel()

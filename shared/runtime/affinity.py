@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable
 import orjson
 
 from shared.assignment import rebalance
+from shared.cancel import cancel_and_wait
 from shared.errors import BusError, ConfigError, SubjectTaken
 from shared.graph import Stage
 from shared.runtime.attempts import AttemptLog
@@ -123,11 +124,7 @@ class Affinity:
         the others take over after `failover_after` anyway.
         """
         self._leaving = True
-        for task in (self._task, self._beat_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        await cancel_and_wait(task for task in (self._task, self._beat_task) if task is not None)
         with contextlib.suppress(Exception):
             await self._release(self._name, under_way=under_way)
         if self._kv is not None:
