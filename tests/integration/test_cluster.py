@@ -20,6 +20,7 @@ from tests.support import (
     STAGE_NAMES,
     StageProcess,
     collect,
+    peak_rss_mb,
     settings_for,
     stage_env,
     wait_quiet,
@@ -173,7 +174,9 @@ async def lose_a_leader(cluster, client, settings, stream: str, n: int, label: s
     latest = max(mine, key=late)
     catch_up = late(latest)
     slowest = max(mine, key=lambda r: r.completed_at - r.created_at)
-    print(f"\n{label}: {n} requests at 200/s; {stream}'s leader {victim} killed; every stream "
+    duplicates = sum(len(results[rid]) - 1 for rid in stored)
+    print(f"\n{label}: {n} requests at 200/s; {stream}'s leader {victim} killed; lost 0 (each "
+          f"has a result), duplicates {duplicates}; every stream "
           f"and consumer led again {leaders:.1f}s after; every request done within "
           f"{catch_up:.1f}s of that (or of being stored, if later); slowest from creation "
           f"{slowest.completed_at - slowest.created_at:.1f}s")  # fmt: skip
@@ -187,7 +190,7 @@ async def lose_a_leader(cluster, client, settings, stream: str, n: int, label: s
 
 
 async def test_losing_a_streams_leader_then_another_node_sheds_nothing(nats_cluster, cluster_mesh):
-    env, _ = cluster_mesh
+    env, procs = cluster_mesh
     settings = settings_for(env)
     url = nats_cluster.url
     await wait_until_consuming(url, settings)
@@ -201,7 +204,8 @@ async def test_losing_a_streams_leader_then_another_node_sheds_nothing(nats_clus
         await client.close()
     status = await wait_quiet(url, settings)
     a = status.accounts
-    print(f"cluster: completed {a.completed}, dead-lettered {a.dead_lettered}")
+    rss = {p.stage: round(peak_rss_mb(p.proc.pid)) for p in procs if p.proc}
+    print(f"cluster: completed {a.completed}, dead-lettered {a.dead_lettered}; peak RSS MB {rss}")
     assert len(first | second) == 800
     assert (a.accepted, a.completed, a.dead_lettered, a.in_flight) == (800, 800, 0, 0)
     assert a.balanced  # a second result for a request would show as a surplus

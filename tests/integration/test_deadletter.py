@@ -273,7 +273,13 @@ async def test_a_hung_handler_times_out_and_is_dead_lettered(nats_server, mesh, 
     assert [(e.request_id, e.reason, e.delivered) for e in entries] == [(hung, "failed", 2)]
     assert entries[0].error == "HandlerTimeout: inference handler took longer than 0.5s"
     assert sum("Question: hang forever\n" in c for c in calls(tmp_path)) == 2
-    assert (status.accounts.completed, status.accounts.dead_lettered) == (10, 1)
+    a = status.accounts
+    print(
+        f"\nhung model call: {len(ids)} requests; completed {a.completed}, dead-lettered "
+        f"{a.dead_lettered} ({entries[0].reason}: {entries[0].error}, after "
+        f"{entries[0].delivered} attempts); lost {a.accepted - a.completed - a.dead_lettered}"
+    )
+    assert (a.completed, a.dead_lettered) == (10, 1)
 
 
 async def test_replay_killed_midway_completes_without_duplicates(nats_server, mesh, tmp_path):
