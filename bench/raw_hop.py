@@ -1,26 +1,35 @@
-"""One hop of the raw nats-py baseline: fetch a batch, publish it all concurrently, ack.
+"""One hop of the raw nats-py baseline: fetch a batch, publish it all, ack what was stored.
 
-This is the concurrent-batch variant: the fastest straightforward nats-py idiom for a durable
-pull consumer that acks only after the next stream has stored the message. The payload is
-not parsed; the request id travels in a header.
+Two idioms, the fastest straightforward ones for a durable pull consumer that acks only after
+the next stream has stored the message:
 
-    python -m bench.raw_hop URL HOP HOPS
+- "batch": `js.publish` of every message of the fetched batch at once (asyncio.gather);
+- "async": `js.publish_async` for the batch, then the futures of their acks awaited.
+
+A message whose publish failed (the next stream full, no ack) is nak'ed with a short delay
+and comes again: the baseline queues, it never drops. The payload is not parsed; the request
+id travels in a header.
+
+    python -m bench.raw_hop URL HOP HOPS [batch|async]
 """
 
 import asyncio
 import signal
 import sys
+from collections.abc import Awaitable
 
 import nats
 import nats.errors
+from nats.aio.msg import Msg
 
 from bench.topology import raw_consumer, raw_next_subject
 
 BATCH = 64
 FETCH_WAIT = 1.0
+RETRY_DELAY = 0.05  # seconds before a message whose publish failed comes again
 
 
-async def main(url: str, hop: int, hops: int) -> None:
+async def main(url: str, hop: int, hops: int, idiom: str = "batch") -> None:
     """Run hop `hop` (1-based) until SIGTERM."""
     nc = await nats.connect(url, max_reconnect_attempts=-1)
     js = nc.jetstream()
@@ -29,19 +38,29 @@ async def main(url: str, hop: int, hops: int) -> None:
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
 
-    async def forward(msg: nats.aio.msg.Msg) -> None:
-        rid = msg.headers["Req-Id"]
-        headers = {"Req-Id": rid, "Sent-At": msg.headers["Sent-At"], "Nats-Msg-Id": f"{rid}:{hop}"}
-        await js.publish(raw_next_subject(hop, hops, rid, msg.subject), msg.data, headers=headers)
+    def forward(msg: Msg) -> Awaitable[object]:
+        rid = msg.headers["Req-Id"]  # type: ignore[index]
+        headers = {"Req-Id": rid, "Sent-At": msg.headers["Sent-At"],  # type: ignore[index]
+                   "Nats-Msg-Id": f"{rid}:{hop}"}  # fmt: skip
+        subject = raw_next_subject(hop, hops, rid, msg.subject)
+        if idiom == "async":
+            return js.publish_async(subject, msg.data, headers=headers)
+        return js.publish(subject, msg.data, headers=headers)
 
     while not stop.is_set():
         try:
             msgs = await psub.fetch(BATCH, timeout=FETCH_WAIT)
         except (TimeoutError, nats.errors.TimeoutError):
             continue
-        await asyncio.gather(*(forward(m) for m in msgs))
-        for m in msgs:
-            await m.ack()
+        sends = [forward(m) for m in msgs]
+        if idiom == "async":
+            sends = [await s for s in sends]  # publish_async hands back the ack's future
+        outcomes = await asyncio.gather(*sends, return_exceptions=True)
+        for m, outcome in zip(msgs, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                await m.nak(delay=RETRY_DELAY)
+            else:
+                await m.ack()
     # nats-py's drain waits for fetched messages it never marks done; unsubscribe, then close.
     await psub.unsubscribe()
     await nc.close()
@@ -54,4 +73,4 @@ if __name__ == "__main__":
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:
         pass
-    asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
+    asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:5]))

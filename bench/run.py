@@ -7,8 +7,12 @@
 Each configuration gets a fresh nats-server (file storage, 127.0.0.1). Per configuration it
 measures: max throughput (N requests published as fast as the intake takes them, until all N
 results arrived), end-to-end latency under open-loop load at fixed rates, per-stage time
-(project pipelines), peak RSS of each stage process and CPU per request. The project and the
-baseline alternate, and ratios are computed from numbers of the same run.
+(project pipelines), peak RSS of each stage process and CPU per request. Then a closed-loop
+saturation run against channels of the default size (512): a client keeps 256 publishes in
+flight and sends again what the full intake refused; goodput counts completed requests, and
+dead-lettered ones are counted apart. Baselines: plain nats-py hops gathering `js.publish`
+per batch, and with `js.publish_async` per batch (and FastStream when installed). The project
+and the baselines alternate, and ratios are computed from numbers of the same run.
 """
 
 import argparse
@@ -27,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import nats
+import nats.js.errors
 import orjson
 
 from bench.topology import HOPS, declare_raw
@@ -38,6 +43,10 @@ from shared.partition import partition_of
 ROOT = Path(__file__).parents[1]
 STAGES = ("rag", "assemble", "inference", "post", "stream")
 SESSIONS = [f"bench-session-{i}" for i in range(32)]
+SATURATION_SESSIONS = [f"bench-sat-{i}" for i in range(64)]
+SATURATION_IN_FLIGHT = 256  # publishes the closed-loop client keeps in flight
+SATURATION_CAPACITY = 512  # every channel's, as the project's default
+FULL_INTAKE_BACKOFF = 0.005  # seconds before a publish the full intake refused is sent again
 TEXT = "How do JetStream pull consumers apply backpressure when a downstream stream is full?"
 
 
@@ -46,7 +55,7 @@ class Config:
     """One deployment to measure."""
 
     name: str
-    kind: str  # "project" | "project-up" | "raw" | "faststream"
+    kind: str  # "project" | "project-up" | "raw" | "raw-async" | "faststream"
     instances: int = 1
     env: dict[str, str] = field(default_factory=dict)
     root: Path = ROOT
@@ -122,10 +131,11 @@ class Deployment:
         env.update(capacity_env(self.config.root, STAGES, self.capacity))
         # The stages import the tree they run from, ahead of the installed one.
         env["PYTHONPATH"] = os.pathsep.join([str(self.config.root), env.get("PYTHONPATH", "")])
-        if self.config.kind in ("raw", "faststream"):
+        if not self.project:
             await declare_raw(url, self.capacity, 512)
-            module = "bench.raw_hop" if self.config.kind == "raw" else "bench.faststream_hop"
-            cmds = [(f"h{h}", [sys.executable, "-m", module, url, str(h), str(HOPS)])
+            module = "bench.faststream_hop" if self.config.kind == "faststream" else "bench.raw_hop"
+            idiom = ["async"] if self.config.kind == "raw-async" else []
+            cmds = [(f"h{h}", [sys.executable, "-m", module, url, str(h), str(HOPS), *idiom])
                     for h in range(1, HOPS + 1)]  # fmt: skip
         elif self.config.kind == "project-up":
             cmds = [("up", [sys.executable, "-m", "shared.app", "up"])]
@@ -235,8 +245,8 @@ class Driver:
         self.expected, self.keep_hops = expected, keep_hops
         self.waiter = asyncio.get_running_loop().create_future()
 
-    async def publish(self, i: int) -> None:
-        session = SESSIONS[i % len(SESSIONS)]
+    async def publish(self, i: int, sessions: list[str] = SESSIONS) -> None:
+        session = sessions[i % len(sessions)]
         env = new_request(TEXT, session)
         data = encode(env)
         part = partition_of(session, 8)
@@ -258,6 +268,44 @@ class Driver:
         assert self.waiter is not None
         await asyncio.wait_for(self.waiter, timeout=max(120.0, n / 50))
         return max(self.arrivals.values()) - start, start
+
+    async def saturate(self, n: int) -> "Saturation":
+        """Closed loop: n requests over 64 sessions with SATURATION_IN_FLIGHT publishes in
+        flight, a publish the full intake refused sent again after FULL_INTAKE_BACKOFF, until
+        every accepted request has a result or a dead-letter entry."""
+        self._reset(n, keep_hops=False)
+        todo, refused = iter(range(n)), 0
+        start = time.time()
+
+        async def client() -> None:
+            nonlocal refused
+            for i in todo:
+                while True:
+                    try:
+                        await self.publish(i, SATURATION_SESSIONS)
+                        break
+                    except nats.js.errors.APIError:  # the intake is full: back off, again
+                        refused += 1
+                        await asyncio.sleep(FULL_INTAKE_BACKOFF)
+
+        await asyncio.gather(*(client() for _ in range(SATURATION_IN_FLIGHT)))
+        deadline, shed = time.monotonic() + max(120.0, n / 20), 0
+        while len(self.arrivals) + shed < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.dep.config.name}: {n - len(self.arrivals) - shed} "
+                                   "requests neither completed nor dead-lettered")  # fmt: skip
+            await asyncio.sleep(0.05)
+            shed = await self.dead_lettered()
+        done = max(self.arrivals.values(), default=start) - start
+        return Saturation(self.dep.config.name, n, round(done, 3),
+                          round(len(self.arrivals) / done, 1) if done else 0.0,
+                          len(self.arrivals), shed, refused)  # fmt: skip
+
+    async def dead_lettered(self) -> int:
+        """Entries in the project's dead-letter stream (a baseline has none)."""
+        if not self.dep.project:
+            return 0
+        return (await self.js.stream_info("ORCH_DLQ")).state.messages
 
     async def open_loop(self, rate: float, seconds: float) -> dict[str, float]:
         """Publish at `rate`/s for `seconds` regardless of completions; latency percentiles."""
@@ -338,6 +386,48 @@ async def measure(config: Config, n: int, rates: list[float], seconds: float,
         dep.stop()
 
 
+@dataclass
+class Saturation:
+    """One closed-loop saturation run: goodput counts completed requests only."""
+
+    config: str
+    requests: int
+    seconds: float
+    goodput: float
+    completed: int
+    dead_lettered: int
+    intake_refusals: int
+    cpu_ms_per_request: float = 0.0
+
+
+async def measure_saturation(config: Config, n: int, workdir: Path) -> Saturation:
+    """The closed-loop saturation run of `config` on a fresh server, channels of
+    SATURATION_CAPACITY."""
+    dep = Deployment(config, capacity=SATURATION_CAPACITY, workdir=workdir)
+    await dep.start()
+    driver = Driver(dep)
+    try:
+        await driver.connect()
+        await driver.max_throughput(min(n, 300))  # warm-up
+        cpu0 = dep.cpu_seconds()
+        result = await driver.saturate(n)
+        result.cpu_ms_per_request = round((dep.cpu_seconds() - cpu0) / n * 1000, 3)
+        return result
+    finally:
+        with contextlib.suppress(Exception):
+            await driver.close()
+        dep.stop()
+
+
+def _saturation_table(runs: list[Saturation]) -> str:
+    lines = [f"{'saturation (closed loop)':<26} {'goodput/s':>9} {'completed':>9} {'shed':>5} "
+             f"{'refused':>8} {'cpu ms/req':>10}"]  # fmt: skip
+    for r in runs:
+        lines.append(f"{r.config:<26} {r.goodput:>9.0f} {r.completed:>9} {r.dead_lettered:>5} "
+                     f"{r.intake_refusals:>8} {r.cpu_ms_per_request:>10.3f}")  # fmt: skip
+    return "\n".join(lines)
+
+
 def _faststream_available() -> bool:
     try:
         import faststream  # noqa: F401
@@ -394,6 +484,20 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     for config in extra:
         results.append(await measure(config, n, rates if not quick else [], seconds, workdir))
 
+    # Saturation: a closed-loop client against channels of the default size, where a full
+    # channel makes itself felt. The strongest plain nats-py idioms are the baselines.
+    raw_async = Config("raw nats-py publish_async", "raw-async")
+    sat_n = args.saturation_requests or (1500 if quick else 6000)
+    saturating = [raw, raw_async, project] + ([before] if before is not None else [])
+    saturation: list[Saturation] = []
+    for r in range(rounds):
+        for config in saturating if r % 2 == 0 else saturating[::-1]:
+            saturation.append(await measure_saturation(config, sat_n, workdir))
+            print(_saturation_table(saturation[-1:]).splitlines()[1], file=sys.stderr)
+    if _faststream_available() and not args.no_faststream:
+        faststream = Config("FastStream (5 processes)", "faststream")
+        saturation.append(await measure_saturation(faststream, sat_n, workdir))
+
     def best(name: str) -> Measurement:
         return max((m for m in results if m.config == name), key=lambda m: m.throughput)
 
@@ -407,6 +511,19 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     for key in p.latency:
         if key in b.latency:
             ratios[f"p99_vs_raw_at_{key}"] = round(p.latency[key]["p99"] / b.latency[key]["p99"], 3)
+
+    def best_goodput(name: str) -> Saturation:
+        return max((s for s in saturation if s.config == name), key=lambda s: s.goodput)
+
+    sp = best_goodput(project.name)
+    for key, name in (("goodput_vs_raw_batch", raw.name), ("goodput_vs_raw_async", raw_async.name),
+                      ("goodput_vs_faststream", "FastStream (5 processes)"),
+                      *((("goodput_vs_before", before.name),) if before else ())):  # fmt: skip
+        if any(s.config == name for s in saturation):
+            ratios[key] = round(sp.goodput / best_goodput(name).goodput, 3)
+    ratios["dead_lettered_at_saturation"] = max(
+        s.dead_lettered for s in saturation if s.config == project.name
+    )
     return {
         "machine": {
             "cpus": os.cpu_count(),
@@ -418,9 +535,11 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "requests": n,
         "quick": quick,
         "results": [asdict(m) for m in results],
+        "saturation_requests": sat_n,
+        "saturation": [asdict(s) for s in saturation],
         "ratios": ratios,
         "faststream": "installed" if _faststream_available() else "not installed",
-        "table": _table(results),
+        "table": _table(results) + "\n\n" + _saturation_table(saturation),
     }
 
 
@@ -455,6 +574,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="~20 s smoke run")
     parser.add_argument("--requests", type=int, help="requests per throughput run")
     parser.add_argument("--seconds", type=float, help="seconds per open-loop latency run")
+    parser.add_argument("--saturation-requests", type=int,
+                        help="requests per closed-loop saturation run")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds (full run)")
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
     parser.add_argument("--workdir", default="/tmp/orch-bench", help="nats-server stores")

@@ -33,3 +33,11 @@ def test_quick_bench_reports_every_measure(tmp_path):
     assert set(project["stage_ms"]) == {"rag", "assemble", "inference", "post", "stream"}
     assert report["ratios"]["throughput_vs_raw"] > 0
     assert "throughput_vs_raw" in done.stdout
+    # The closed-loop saturation run: every accepted request ends, completed or shed.
+    saturated = {s["config"]: s for s in report["saturation"]}
+    assert set(saturated) == {"raw nats-py (5 processes)", "raw nats-py publish_async",
+                              "project (5 processes)"}  # fmt: skip
+    for s in saturated.values():
+        assert s["completed"] + s["dead_lettered"] == s["requests"] and s["goodput"] > 0
+    for key in ("goodput_vs_raw_batch", "goodput_vs_raw_async", "dead_lettered_at_saturation"):
+        assert key in report["ratios"]
