@@ -179,6 +179,13 @@ class Deployment:
     def cpu_seconds(self) -> float:
         return sum(_cpu_seconds(p.pid) for _, p in self.procs)
 
+    def cpu_by_process(self) -> dict[str, float]:
+        """CPU seconds so far of each stage (or hop) process, summed over its instances."""
+        out: dict[str, float] = {}
+        for name, proc in self.procs:
+            out[name] = out.get(name, 0.0) + _cpu_seconds(proc.pid)
+        return out
+
     def server_cpu_seconds(self) -> float:
         return _cpu_seconds(self.server.pid)
 
@@ -398,6 +405,7 @@ class Saturation:
     dead_lettered: int
     intake_refusals: int
     cpu_ms_per_request: float = 0.0
+    cpu_ms_per_request_by_stage: dict[str, float] = field(default_factory=dict)
 
 
 async def measure_saturation(config: Config, n: int, workdir: Path) -> Saturation:
@@ -409,9 +417,11 @@ async def measure_saturation(config: Config, n: int, workdir: Path) -> Saturatio
     try:
         await driver.connect()
         await driver.max_throughput(min(n, 300))  # warm-up
-        cpu0 = dep.cpu_seconds()
+        cpu0 = dep.cpu_by_process()
         result = await driver.saturate(n)
-        result.cpu_ms_per_request = round((dep.cpu_seconds() - cpu0) / n * 1000, 3)
+        used = {name: cpu - cpu0[name] for name, cpu in dep.cpu_by_process().items()}
+        result.cpu_ms_per_request = round(sum(used.values()) / n * 1000, 3)
+        result.cpu_ms_per_request_by_stage = {k: round(v / n * 1000, 3) for k, v in used.items()}
         return result
     finally:
         with contextlib.suppress(Exception):
