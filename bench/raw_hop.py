@@ -7,8 +7,11 @@ the next stream has stored the message:
 - "async": `js.publish_async` for the batch, then the futures of their acks awaited.
 
 A message whose publish failed (the next stream full, no ack) is nak'ed with a short delay
-and comes again: the baseline queues, it never drops. The payload is not parsed; the request
-id travels in a header.
+and comes again: the baseline queues, it never drops. nats-py 2.16's `publish_async` raises
+a stream's error reply (e.g. a full stream) inside its reply callback instead of setting it
+on the future, so that future never completes: each is awaited for at most
+ASYNC_ACK_TIMEOUT (FastStream's publish timeout), as a careful user of it has to. The payload
+is not parsed; the request id travels in a header.
 
     python -m bench.raw_hop URL HOP HOPS [batch|async]
 """
@@ -27,6 +30,7 @@ from bench.topology import raw_consumer, raw_next_subject
 BATCH = 64
 FETCH_WAIT = 1.0
 RETRY_DELAY = 0.05  # seconds before a message whose publish failed comes again
+ASYNC_ACK_TIMEOUT = 0.5
 
 
 async def main(url: str, hop: int, hops: int, idiom: str = "batch") -> None:
@@ -53,8 +57,8 @@ async def main(url: str, hop: int, hops: int, idiom: str = "batch") -> None:
         except (TimeoutError, nats.errors.TimeoutError):
             continue
         sends = [forward(m) for m in msgs]
-        if idiom == "async":
-            sends = [await s for s in sends]  # publish_async hands back the ack's future
+        if idiom == "async":  # publish_async hands back the ack's future
+            sends = [asyncio.wait_for(await s, ASYNC_ACK_TIMEOUT) for s in sends]
         outcomes = await asyncio.gather(*sends, return_exceptions=True)
         for m, outcome in zip(msgs, outcomes, strict=True):
             if isinstance(outcome, BaseException):
