@@ -57,6 +57,8 @@ class Config:
     name: str
     kind: str  # "project" | "project-up" | "raw" | "raw-async" | "faststream"
     instances: int = 1
+    scaled: dict[str, int] = field(default_factory=dict)
+    """Stages run with this many instances instead (the project's kinds)."""
     env: dict[str, str] = field(default_factory=dict)
     root: Path = ROOT
     """The source tree the project's stages run from (another commit's, with --compare)."""
@@ -142,10 +144,12 @@ class Deployment:
         else:
             cmds = [(s, [sys.executable, "-m", f"services.{s}"]) for s in STAGES]
         cwd = self.config.root if self.project else ROOT
-        for _ in range(self.config.instances):
+        counts = {name: self.config.scaled.get(name, self.config.instances) for name, _ in cmds}
+        for round_ in range(max(counts.values())):
             for name, cmd in cmds:
-                proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL)
-                self.procs.append((name, proc))
+                if round_ < counts[name]:
+                    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL)
+                    self.procs.append((name, proc))
         await self._wait_ready()
 
     async def _wait_ready(self) -> None:
@@ -191,12 +195,11 @@ class Deployment:
 
     def peak_rss(self) -> dict[str, float]:
         out: dict[str, float] = {}
-        for i, (name, proc) in enumerate(self.procs):
-            key = (
-                name
-                if self.config.instances == 1
-                else f"{name}#{i // (len(self.procs) // self.config.instances)}"
-            )
+        names = [name for name, _ in self.procs]
+        seen: dict[str, int] = {}
+        for name, proc in self.procs:
+            seen[name] = seen.get(name, 0) + 1
+            key = name if names.count(name) == 1 else f"{name}#{seen[name] - 1}"
             out[key] = round(_peak_rss_mb(proc.pid), 1)
         return out
 
@@ -494,6 +497,15 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     for config in extra:
         results.append(await measure(config, n, rates if not quick else [], seconds, workdir))
 
+    # Scaling out: more instances of the stage that costs the most CPU per request.
+    scaling: list[Measurement] = []
+    if not quick:
+        for count in (1, 2, 4):
+            config = Config(f"project, {count} x inference", "project",
+                            scaled={"inference": count})  # fmt: skip
+            scaling.append(await measure(config, n, [], seconds, workdir))
+            print(_table(scaling[-1:]).splitlines()[1], file=sys.stderr)
+
     # Saturation: a closed-loop client against channels of the default size, where a full
     # channel makes itself felt. The strongest plain nats-py idioms are the baselines.
     raw_async = Config("raw nats-py publish_async", "raw-async")
@@ -545,11 +557,12 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "requests": n,
         "quick": quick,
         "results": [asdict(m) for m in results],
+        "scaling": [asdict(m) for m in scaling],
         "saturation_requests": sat_n,
         "saturation": [asdict(s) for s in saturation],
         "ratios": ratios,
         "faststream": "installed" if _faststream_available() else "not installed",
-        "table": _table(results) + "\n\n" + _saturation_table(saturation),
+        "table": _table(results + scaling) + "\n\n" + _saturation_table(saturation),
     }
 
 
