@@ -26,7 +26,8 @@ class Timeouts(Middleware):
         self.stage = stage
         self.seconds = seconds
         self._deadlines: dict[asyncio.Task[object], float] = {}
-        self._timed_out: set[asyncio.Task[object]] = set()
+        # Calls past their deadline -> cancellations the watchdog has sent them so far.
+        self._timed_out: dict[asyncio.Task[object], int] = {}
         self._watchdog: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> "Timeouts":
@@ -52,28 +53,32 @@ class Timeouts(Middleware):
         try:
             output = await call_next(call)
         except asyncio.CancelledError:
-            if task in self._timed_out and task.cancelling() == 1:  # only the watchdog's
-                task.uncancel()
+            sent = self._timed_out.get(task, 0)
+            if sent and task.cancelling() == sent:  # only the watchdog's
+                for _ in range(sent):
+                    task.uncancel()
                 raise HandlerTimeout(
                     f"{self.stage} handler took longer than {self.seconds:g}s"
                 ) from None
             raise
         else:
-            if task in self._timed_out:  # the handler swallowed the cancellation
-                task.uncancel()
+            for _ in range(min(self._timed_out.get(task, 0), task.cancelling())):
+                task.uncancel()  # the handler swallowed the cancellation and returned
             return output
         finally:
             del self._deadlines[task]
-            self._timed_out.discard(task)
+            self._timed_out.pop(task, None)
 
     async def _watch(self) -> None:
         # While a task is listed in _deadlines it is suspended inside its handler (the entry
-        # goes as soon as the handler returns), so the cancellation lands there.
+        # goes as soon as the handler returns), so the cancellation lands there. A call still
+        # going a period later is cancelled again: something in it dropped the cancellation
+        # (Python 3.11's asyncio.wait_for does when its future completes at that moment).
         period = min(WATCHDOG_PERIOD, self.seconds / 4)
         while True:
             await asyncio.sleep(period)
             now = time.monotonic()
             for task, deadline in list(self._deadlines.items()):
-                if deadline <= now and task not in self._timed_out:
-                    self._timed_out.add(task)
+                if deadline <= now:
+                    self._timed_out[task] = self._timed_out.get(task, 0) + 1
                     task.cancel()
