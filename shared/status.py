@@ -93,13 +93,8 @@ async def read_status(bus: MessageBus, topology: Topology) -> Status:
 
 async def members_by_stage(bus: MessageBus, topology: Topology) -> dict[str, dict[str, list[int]]]:
     """stage -> instance -> owned partitions, from the instances' announcements."""
-    settings = topology.settings
-    kv = await bus.key_value(
-        topology.members_bucket(), ttl=settings.affinity.failover_after, storage=settings.storage,
-        replicas=settings.replicas,
-        placement=tuple(settings.placement),
-        adjust=False,  # a reader's settings are not the deployment's to impose
-    )  # fmt: skip
+    # A reader's settings are not the deployment's to impose: bound to as it is.
+    kv = await bus.key_value(topology.members(), adjust=False)
     out: dict[str, dict[str, list[int]]] = {}
     for value in (await kv.items("")).values():
         data = orjson.loads(value)

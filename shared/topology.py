@@ -13,7 +13,7 @@ from typing import Literal
 from shared.graph import INTAKE, Graph, Stage
 from shared.partition import partition_of
 from shared.settings import Settings
-from shared.transport.api import ConsumerSpec, StreamSpec
+from shared.transport.api import BucketSpec, ConsumerSpec, StreamSpec
 
 RESULTS = "results"
 DLQ = "dlq"
@@ -193,3 +193,12 @@ class Topology:
     def attempts_bucket(self) -> str:
         """The key-value bucket that counts attempts across consumers (shared.runtime.attempts)."""
         return f"{self.settings.stream_prefix}_ATTEMPTS"
+
+    def bucket(self, name: str, ttl: float) -> BucketSpec:
+        """Bucket `name`, entries expiring `ttl` s after a put, stored as the streams are."""
+        s = self.settings
+        return BucketSpec(name, ttl, s.storage, s.replicas, tuple(s.placement))
+
+    def members(self) -> BucketSpec:
+        """The members bucket: an announcement lives for `affinity.failover_after`."""
+        return self.bucket(self.members_bucket(), self.settings.affinity.failover_after)

@@ -70,7 +70,7 @@ class Affinity:
         self.changed = asyncio.Event()
         """Set whenever `owned` changes."""
         self.puller: Puller | None = None
-        self.attempts = AttemptLog(bus, settings, topology, stage)
+        self.attempts = AttemptLog(bus, topology, stage)
         """Attempt counts of the messages this instance may get, across consumers."""
         self._bus = bus
         self._settings = settings
@@ -96,12 +96,7 @@ class Affinity:
     async def start(self) -> None:
         """Join: announce, learn the others, take this instance's partitions."""
         self._leaving = False  # again, after a start that failed and was undone by `leave`
-        s = self._settings
-        self._kv = await self._bus.key_value(
-            self._topology.members_bucket(), ttl=self._cfg.failover_after, storage=s.storage,
-            replicas=s.replicas,
-            placement=tuple(s.placement),
-        )  # fmt: skip
+        self._kv = await self._bus.key_value(self._topology.members())
         await self.attempts.open()
         await self._take_over_from_predecessor()
         self._sub = await self._bus.subscribe(self._kv.subject(f"{self.stage.name}.*"))

@@ -36,7 +36,6 @@ import orjson
 
 from shared.errors import BusError
 from shared.graph import Stage
-from shared.settings import Settings
 from shared.topology import Topology
 from shared.transport.api import MSG_ID, ConsumerView, KeyValue, MessageBus
 
@@ -59,12 +58,9 @@ class Prior:
 class AttemptLog:
     """The attempt records of one stage's input stream, as one instance sees them."""
 
-    def __init__(
-        self, bus: MessageBus, settings: Settings, topology: Topology, stage: Stage
-    ) -> None:
+    def __init__(self, bus: MessageBus, topology: Topology, stage: Stage) -> None:
         self._bus = bus
-        self._settings = settings
-        self._bucket = topology.attempts_bucket()
+        self._spec = topology.bucket(topology.attempts_bucket(), RECORD_TTL)
         self._stream = topology.stream_name(stage.channel)
         self._prefix = f"{stage.name}."
         self._kv: KeyValue | None = None
@@ -75,11 +71,7 @@ class AttemptLog:
 
     async def open(self) -> None:
         """Create (or bind to) the bucket."""
-        self._kv = await self._bus.key_value(
-            self._bucket, ttl=RECORD_TTL, storage=self._settings.storage,
-            replicas=self._settings.replicas,
-            placement=tuple(self._settings.placement),
-        )  # fmt: skip
+        self._kv = await self._bus.key_value(self._spec)
 
     def prior(self, seq: int, headers: Mapping[str, str]) -> Prior | None:
         """What the message at `seq` went through before the current consumer, if anything."""

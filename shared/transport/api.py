@@ -40,6 +40,18 @@ class StreamSpec:
 
 
 @dataclass(frozen=True)
+class BucketSpec:
+    """A key-value bucket whose entries expire `ttl` seconds after their last put."""
+
+    name: str
+    ttl: float
+    storage: Literal["file", "memory"] = "file"
+    replicas: int = 1
+    placement: tuple[str, ...] = ()
+    """Server tags its replicas must be placed on."""
+
+
+@dataclass(frozen=True)
 class ConsumerSpec:
     """A durable pull consumer on some subjects of one stream."""
 
@@ -289,18 +301,9 @@ class MessageBus(Protocol):
         """A continuous pull from the durable consumer of `spec`."""
         ...
 
-    async def key_value(
-        self,
-        bucket: str,
-        ttl: float,
-        storage: str,
-        replicas: int = 1,
-        placement: tuple[str, ...] = (),
-        *,
-        adjust: bool = True,
-    ) -> KeyValue:
-        """Create (or bind to) a key-value bucket, stored on `replicas` servers of a cluster
-        (with the `placement` tags); with `adjust`, an existing one is brought to those."""
+    async def key_value(self, spec: BucketSpec, *, adjust: bool = True) -> KeyValue:
+        """Create (or bind to) the bucket of `spec`; with `adjust`, an existing one is brought
+        to its replicas and placement."""
         ...
 
     async def subscribe(self, subject: str) -> Subscription:

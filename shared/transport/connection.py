@@ -12,7 +12,7 @@ from nats.aio.client import Client as NatsClient
 
 from shared.errors import BusError, NotConnected
 from shared.transport.admin import JetStreamAdmin
-from shared.transport.api import ConsumerSpec, StoredMessage
+from shared.transport.api import BucketSpec, ConsumerSpec, StoredMessage
 from shared.transport.keyvalue import JetStreamKeyValue, open_bucket
 from shared.transport.publish import Publisher
 from shared.transport.pull import JetStreamPuller, open_puller
@@ -139,20 +139,10 @@ class Bus:
         """A continuous pull from the durable consumer of `spec` (see JetStreamPuller)."""
         return await open_puller(self._nc, spec, largest)
 
-    async def key_value(
-        self,
-        bucket: str,
-        ttl: float,
-        storage: str,
-        replicas: int = 1,
-        placement: tuple[str, ...] = (),
-        *,
-        adjust: bool = True,
-    ) -> JetStreamKeyValue:
-        """Create (or bind to) a key-value bucket whose entries expire `ttl` s after a put;
-        with `adjust`, an existing one is brought to `replicas` and `placement`."""
-        return await open_bucket(self._js, bucket, ttl, storage, replicas, placement,
-                                 adjust=adjust)  # fmt: skip
+    async def key_value(self, spec: BucketSpec, *, adjust: bool = True) -> JetStreamKeyValue:
+        """Create (or bind to) the bucket of `spec`; with `adjust`, an existing one is brought
+        to its replicas and placement."""
+        return await open_bucket(self._js, spec, adjust=adjust)
 
     async def subscribe(self, subject: str) -> CoreSubscription:
         """Subscribe to `subject` with core NATS (no persistence; see `watch` for streams)."""

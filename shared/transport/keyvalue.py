@@ -7,25 +7,20 @@ from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue as NatsKeyValue
 
 from shared.errors import BusError
+from shared.transport.api import BucketSpec
 from shared.transport.translate import change
 
 
 async def open_bucket(
-    js: JetStreamContext,
-    bucket: str,
-    ttl: float,
-    storage: str,
-    replicas: int = 1,
-    placement: tuple[str, ...] = (),
-    *,
-    adjust: bool = True,
+    js: JetStreamContext, spec: BucketSpec, *, adjust: bool = True
 ) -> "JetStreamKeyValue":
-    """Create (or bind to) a bucket whose entries expire `ttl` seconds after a put, stored on
-    `replicas` servers of a cluster (with the `placement` tags). With `adjust`, an existing
-    bucket is brought to those (its other limits stay); without, it is used as it is."""
-    config = api.KeyValueConfig(
-        bucket=bucket, history=1, ttl=ttl, storage=api.StorageType(storage), replicas=replicas
-    )
+    """Create (or bind to) the bucket of `spec`. With `adjust`, an existing bucket is brought
+    to the spec's replicas and placement (its other limits stay); without, it is used as it
+    is."""
+    bucket, placement = spec.name, spec.placement
+    config = api.KeyValueConfig(bucket=bucket, history=1, ttl=spec.ttl,
+                                storage=api.StorageType(spec.storage),
+                                replicas=spec.replicas)  # fmt: skip
     try:
         try:
             if placement:
@@ -36,7 +31,7 @@ async def open_bucket(
         except nats.js.errors.APIError:  # it exists, made with other settings
             kv = await js.key_value(bucket)
             if adjust:
-                await _place(js, bucket, replicas, placement)
+                await _place(js, bucket, spec.replicas, placement)
     except nats.errors.Error as exc:
         raise BusError(f"open bucket {bucket}: {exc!r}") from None
     return JetStreamKeyValue(kv, bucket)

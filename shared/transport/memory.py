@@ -54,6 +54,7 @@ from shared.errors import (
 )
 from shared.transport.api import (
     MSG_ID,
+    BucketSpec,
     ConsumerSpec,
     ConsumerState,
     ConsumerView,
@@ -832,20 +833,12 @@ class MemoryBus:
         self.check_open()
         return MemoryPuller(self, spec.stream, spec.durable)
 
-    async def key_value(
-        self,
-        bucket: str,
-        ttl: float,
-        storage: str,
-        replicas: int = 1,
-        placement: tuple[str, ...] = (),
-        *,
-        adjust: bool = True,
-    ) -> MemoryKeyValue:
-        """Create (or bind to, keeping its ttl) a key-value bucket (one server: no replicas)."""
+    async def key_value(self, spec: BucketSpec, *, adjust: bool = True) -> MemoryKeyValue:
+        """Create (or bind to, keeping its ttl) the bucket of `spec` (one server: replicas and
+        placement do not apply)."""
         self.check_open()
-        store = self.server.buckets.setdefault(bucket, _Bucket(ttl))
-        return MemoryKeyValue(self, bucket, store)
+        store = self.server.buckets.setdefault(spec.name, _Bucket(spec.ttl))
+        return MemoryKeyValue(self, spec.name, store)
 
     async def subscribe(self, subject: str) -> MemorySubscription:
         """A core subscription to `subject`."""

@@ -29,7 +29,7 @@ async def test_unsettled_messages_of_a_consumer_are_recorded_once(nats_server):
         await got[3].nak(delay=30)  # waiting for a retry is unsettled too
         await puller.close()
 
-        log = AttemptLog(bus, settings, topology, spec)
+        log = AttemptLog(bus, topology, spec)
         await log.open()
         view = await bus.admin.consumer(consumer.stream, consumer.durable)
         assert view is not None
@@ -72,7 +72,7 @@ async def test_a_stopping_instance_records_retries_as_failures_not_losses(nats_s
         [waiting] = await take(puller, 1)
         await waiting.nak(delay=30)
         await puller.close()
-        log = AttemptLog(bus, settings, topology, spec)
+        log = AttemptLog(bus, topology, spec)
         await log.open()
         view = await bus.admin.consumer(consumer.stream, consumer.durable)
         assert view is not None

@@ -16,6 +16,7 @@ from shared.client import Client
 from shared.envelope import Result
 from shared.errors import BusError
 from shared.topology import Topology
+from shared.transport.api import BucketSpec
 from tests.support import (
     STAGE_NAMES,
     StageProcess,
@@ -80,8 +81,7 @@ async def test_placement_puts_streams_and_buckets_on_the_tagged_servers(nats_clu
     topology = Topology(settings)
     async with await Bus.connect(nats_cluster.url, name="test-placement") as bus:
         await declare(bus, topology)
-        kv = await bus.key_value(topology.members_bucket(), ttl=10, storage="file",
-                                 placement=("node:n1",))  # fmt: skip
+        kv = await bus.key_value(topology.members())  # placed as the settings say
         await kv.put("k", b"v")
         assert await kv.get("k") == b"v"
     names = [topology.stream_name("inference"), f"KV_{topology.members_bucket()}"]
@@ -94,8 +94,8 @@ async def test_a_bucket_made_with_other_replicas_follows_the_setting(nats_cluste
     from shared.transport.connection import Bus
 
     async with await Bus.connect(nats_cluster.url, name="test-bucket-replicas") as bus:
-        await bus.key_value("grown", ttl=10, storage="file", replicas=1)
-        kv = await bus.key_value("grown", ttl=10, storage="file", replicas=3)
+        await bus.key_value(BucketSpec("grown", ttl=10, replicas=1))
+        kv = await bus.key_value(BucketSpec("grown", ttl=10, replicas=3))
         async with asyncio.timeout(30):  # the new peers catch up first
             while True:
                 try:
@@ -105,8 +105,8 @@ async def test_a_bucket_made_with_other_replicas_follows_the_setting(nats_cluste
                     await asyncio.sleep(0.2)
         assert await kv.get("k") == b"v"
         assert await replicas_of(nats_cluster.url, ["KV_grown"]) == {"KV_grown": 3}
-        await bus.key_value("moved", ttl=10, storage="file")
-        await bus.key_value("moved", ttl=10, storage="file", placement=("node:n2",))
+        await bus.key_value(BucketSpec("moved", ttl=10))
+        await bus.key_value(BucketSpec("moved", ttl=10, placement=("node:n2",)))
         async with asyncio.timeout(30):  # the server moves it in the background
             while True:
                 with contextlib.suppress(AssertionError):  # no leader during the move

@@ -15,6 +15,7 @@ from shared.client import Client
 from shared.dlq import DeadLetterQueue, EntryFilter
 from shared.errors import RequestDeadLettered
 from shared.topology import COUNTERS, OUTCOMES, Topology
+from shared.transport.api import BucketSpec
 from shared.transport.connection import Bus
 from tests.support import (
     ROOT,
@@ -248,7 +249,7 @@ async def test_a_message_that_kills_its_stage_is_dead_lettered_across_restarts(
     assert (a.accepted, a.completed, a.dead_lettered, a.in_flight) == (25, 24, 1, 0)
     assert a.balanced
     async with await Bus.connect(nats_server.url, name="test-attempts") as bus:
-        kv = await bus.key_value(f"{settings.stream_prefix}_ATTEMPTS", ttl=3600, storage="file")
+        kv = await bus.key_value(BucketSpec(f"{settings.stream_prefix}_ATTEMPTS", ttl=3600))
         assert await kv.items("inference.") == {}  # settled messages leave no record behind
 
 

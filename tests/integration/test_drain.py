@@ -18,7 +18,7 @@ async def test_a_drain_past_its_timeout_cancels_handlers_and_leaves(nats_server)
         topology = Topology(settings)
         stream = topology.stream_name(inference.stage.channel)
         assert await bus.admin.consumers(stream) == []  # partitions handed over
-        log = AttemptLog(bus, settings, topology, inference.stage)
+        log = AttemptLog(bus, topology, inference.stage)
         await log.open()
         await log.load()
         prior = log.prior(delivery.stream_seq, delivery.headers)

@@ -37,7 +37,7 @@ from shared.runtime import loop
 from shared.runtime.group import StageGroup, declare
 from shared.settings import Settings
 from shared.topology import DLQ, RESULTS, Topology
-from shared.transport.api import MSG_ID, ConsumerSpec, StreamSpec
+from shared.transport.api import MSG_ID, BucketSpec, ConsumerSpec, StreamSpec
 from shared.transport.memory import KV_OPERATION, MemoryBus, MemoryDelivery
 
 HERE = "tests.unit.test_runtime"
@@ -605,7 +605,9 @@ async def test_a_stage_killed_after_storing_its_output_is_redelivered_and_the_co
         [result] = await pipe.results()
         assert result.request_id == rid
         assert result.hops[0].instance == pipe.groups[0].runtime("a").instance  # the first copy
-        attempts = await pipe.bus.key_value(pipe.topology.attempts_bucket(), 60, "memory")
+        attempts = await pipe.bus.key_value(
+            pipe.topology.bucket(pipe.topology.attempts_bucket(), 60)
+        )
         assert await attempts.items("") == {}  # the loss was recorded, then settled
 
 
@@ -668,7 +670,7 @@ async def test_stop_finishes_the_message_in_flight_acks_it_and_tears_down(probe)
         assert len(await pipe.results()) == 1
         assert await pipe.held("a") == 0
         assert await pipe.bus.admin.consumers(pipe.stream("a")) == []
-        members = await pipe.bus.key_value(pipe.topology.members_bucket(), 1, "memory")
+        members = await pipe.bus.key_value(pipe.topology.members())
         assert await members.items("") == {}  # it said goodbye
 
 
@@ -871,7 +873,7 @@ async def test_bus_deleting_a_consumer_ends_its_pull_and_frees_its_messages(bus)
 
 
 async def test_bus_key_value_entries_expire_and_changes_reach_subscribers(bus):
-    kv = await bus.key_value("B", ttl=0.05, storage="memory")
+    kv = await bus.key_value(BucketSpec("B", ttl=0.05, storage="memory"))
     sub = await bus.subscribe(kv.subject("x.*"))
     assert await kv.create("x.1", b"one")
     assert not await kv.create("x.1", b"again")
