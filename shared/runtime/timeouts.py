@@ -62,8 +62,9 @@ class Timeouts(Middleware):
                 ) from None
             raise
         else:
-            for _ in range(min(self._timed_out.get(task, 0), task.cancelling())):
-                task.uncancel()  # the handler swallowed the cancellation and returned
+            if sent := self._timed_out.get(task):  # the handler swallowed it and returned
+                for _ in range(min(sent, task.cancelling())):
+                    task.uncancel()
             return output
         finally:
             del self._deadlines[task]
