@@ -1,7 +1,9 @@
-"""Profile one hop at max throughput: the project's assemble stage against the raw baseline's
-second hop, each sampled with py-spy while its pipeline runs flat out.
+"""Profile one hop: the project's assemble stage against the raw baseline's second hop, each
+sampled with py-spy while its pipeline runs flat out, or at saturation (`--saturation`: the
+closed-loop load of `bench.run` against channels of the default size, where full channels push
+back).
 
-    python -m bench.profile [--requests N] [--seconds S] [--out bench/results/profile]
+    python -m bench.profile [--saturation] [--requests N] [--seconds S] [--out DIR]
 
 Writes py-spy's folded stacks (`<name>.folded`, one stack per line with its sample count;
 load them into speedscope.app or flamegraph.pl) and a summary, `summary.txt`: samples per
@@ -18,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.run import Config, Deployment, Driver
+from bench.run import SATURATION_CAPACITY, Config, Deployment, Driver
 
 TARGETS = {
     "project": ("assemble", Config("project", "project")),
@@ -26,12 +28,15 @@ TARGETS = {
 }
 
 
-async def profile(name: str, requests: int, seconds: int, rate: int, out: Path) -> str:
-    """Run one deployment flat out, sample its second hop, and return a summary."""
+async def profile(
+    name: str, requests: int, seconds: int, rate: int, out: Path, saturation: bool
+) -> str:
+    """Run one deployment flat out (or saturated), sample its second hop, return a summary."""
     proc_name, config = TARGETS[name]
     workdir = Path("/tmp/orch-bench")
     workdir.mkdir(parents=True, exist_ok=True)
-    dep = Deployment(config, capacity=requests + 1000, workdir=workdir)
+    capacity = SATURATION_CAPACITY if saturation else requests + 1000
+    dep = Deployment(config, capacity=capacity, workdir=workdir)
     await dep.start()
     driver = Driver(dep)
     folded = out / f"{name}-{proc_name}.folded"
@@ -44,7 +49,10 @@ async def profile(name: str, requests: int, seconds: int, rate: int, out: Path) 
         spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         await asyncio.sleep(0.5)  # let py-spy attach before the load starts
         start = time.monotonic()
-        elapsed, _ = await driver.max_throughput(requests)
+        if saturation:
+            elapsed = (await driver.saturate(requests)).seconds
+        else:
+            elapsed, _ = await driver.max_throughput(requests)
         _, err = await asyncio.to_thread(spy.communicate)
         if spy.returncode != 0:
             raise RuntimeError(f"py-spy failed: {err.decode(errors='replace')}")
@@ -109,12 +117,16 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=6, help="seconds to sample")
     parser.add_argument("--rate", type=int, default=200, help="samples per second")
     parser.add_argument("--out", type=Path, default=Path("bench/results/profile"))
+    parser.add_argument("--saturation", action="store_true",
+                        help="closed-loop load against channels of the default size")  # fmt: skip
     args = parser.parse_args()
     if not _py_spy():
         sys.exit("error: py-spy is not installed (pip install py-spy)")
     args.out.mkdir(parents=True, exist_ok=True)
     summaries = [
-        asyncio.run(profile(name, args.requests, args.seconds, args.rate, args.out))
+        asyncio.run(
+            profile(name, args.requests, args.seconds, args.rate, args.out, args.saturation)
+        )
         for name in ("raw", "project")
     ]
     text = "\n".join(summaries)

@@ -33,14 +33,17 @@ RETRY_DELAY = 0.05  # seconds before a message whose publish failed comes again
 ASYNC_ACK_TIMEOUT = 0.5
 
 
-async def main(url: str, hop: int, hops: int, idiom: str = "batch") -> None:
-    """Run hop `hop` (1-based) until SIGTERM."""
+async def main(
+    url: str, hop: int, hops: int, idiom: str = "batch", stop: asyncio.Event | None = None
+) -> None:
+    """Run hop `hop` (1-based) until SIGTERM, or until `stop` is set when given."""
     nc = await nats.connect(url, max_reconnect_attempts=-1)
     js = nc.jetstream()
     stream, durable = raw_consumer(hop)
     psub = await js.pull_subscribe_bind(durable=durable, stream=stream)
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    if stop is None:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
 
     def forward(msg: Msg) -> Awaitable[object]:
         rid = msg.headers["Req-Id"]  # type: ignore[index]

@@ -6,7 +6,8 @@
 
 Each configuration gets a fresh nats-server (file storage, 127.0.0.1). Per configuration it
 measures: max throughput (N requests published as fast as the intake takes them, until all N
-results arrived), end-to-end latency under open-loop load at fixed rates, per-stage time
+results arrived), end-to-end latency under open-loop load at 10, 25 and 50 % of the raw
+pipeline's max (measured first), per-stage time
 (project pipelines), peak RSS of each stage process and CPU per request. Then a closed-loop
 saturation run against channels of the default size (512): a client keeps 256 publishes in
 flight and sends again what the full intake refused; goodput counts completed requests, and
@@ -479,11 +480,11 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         alternating.append(before)
     results: list[Measurement] = []
 
-    # Find the project's max first, then measure latency at fractions of it for both.
-    probe = await measure(project, n, [], seconds, workdir)
+    # Find the raw pipeline's max first, then measure latency at fractions of it for all.
+    probe = await measure(raw, n, [], seconds, workdir)
     fractions = [0.1, 0.25, 0.5] if not quick else [0.1]
     rates = [probe.throughput * f for f in fractions]
-    print(f"project max ~{probe.throughput:.0f} req/s; latency rates {[round(r) for r in rates]}",
+    print(f"raw max ~{probe.throughput:.0f} req/s; latency rates {[round(r) for r in rates]}",
           file=sys.stderr)  # fmt: skip
     for r in range(rounds):
         for config in alternating if r % 2 == 0 else alternating[::-1]:
