@@ -9,6 +9,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+from shared.app import heap
 from shared.app.load import load
 from shared.errors import OrchestratorError
 from shared.runtime.group import HEALTH_STALE, StageGroup, declare
@@ -45,6 +46,7 @@ async def serve(settings: Settings, stages: list[str], url: str) -> None:
     try:
         for line in await _declared(bus, topology, stop):
             log.info(line)
+        heap.settle()  # start-up is over: what exists now lives as long as the process
         group.start(bus)
         health = asyncio.create_task(_report_health(group, settings.health_file))
         log.info("running %s on %s", ", ".join(rt.instance for rt in group.runtimes), url)
