@@ -54,17 +54,20 @@ async def generate(router: ModelRouter, request: Envelope) -> AsyncIterator[Part
     prompt = PROMPT.read(request)
     started, first = time.monotonic(), None
     pieces: list[str] = []
+    streaming = request.stream  # pieces nobody follows are not handed on
     async for item in router.stream(request, prompt):
         if isinstance(item, str):
             if first is None:
                 first = time.monotonic()
             pieces.append(item)
-            yield Partial(item)
+            if streaming:
+                yield Partial(item)
         elif isinstance(item, Answered):
             answered = item
         else:  # RESTART: a stand-in starts the answer over
             pieces, started, first = [], time.monotonic(), None
-            yield Partial("", restart=True)
+            if streaming:
+                yield Partial("", restart=True)
     answer = {COMPLETION: "".join(pieces), USAGE: _usage(answered, started, first)}
     yield write_all(request, answer, drop=[PROMPT])  # answered: no later stage reads it
 

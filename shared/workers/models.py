@@ -142,7 +142,7 @@ class ModelRouter:
                 yield RESTART
             tried.append(name)
             try:
-                usage = Usage(model=name)
+                usage = None
                 async for item in self.models[name].stream(prompt, session_id=request.session_id):
                     if isinstance(item, Usage):
                         usage = item
@@ -151,7 +151,7 @@ class ModelRouter:
             except ModelUnavailable as exc:
                 failures.append(f"{name}: {exc}")
                 continue
-            yield Answered(usage, name, name != chosen)
+            yield Answered(usage or Usage(model=name), name, name != chosen)
             return
         raise ModelUnavailable("no model could answer: " + "; ".join(failures))
 

@@ -77,10 +77,12 @@ async def test_each_stage_hands_on_by_name_in_data(settings):
     prompt = PROMPT.read(env)
     assert prompt.endswith("|dead-letter stream reason")
     async with handler_of(settings, "inference") as inference:
-        env = await inference(env)
+        unfollowed = await inference(env)
+        assert inference.pieces == []  # nobody follows this request's tokens
+        env = await inference(env.model_copy(update={"stream": True}))
         pieces = inference.pieces
     completion = COMPLETION.read(env)
-    assert completion == prompt  # the echo worker
+    assert completion == prompt == COMPLETION.read(unfollowed)  # the echo worker
     assert "".join(p.text for p in pieces) == completion  # as it was generated
     assert "prompt" not in env.data  # no later stage reads it: it is not carried on
     usage = USAGE.read(env)
