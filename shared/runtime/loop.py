@@ -56,6 +56,7 @@ from shared.middleware import Call, CallNext, Middleware, Outcome, Output, compo
 from shared.runtime.affinity import Affinity
 from shared.runtime.attempts import AttemptLog, Prior
 from shared.runtime.plan import StagePlan
+from shared.runtime.room import Room
 from shared.runtime.timeouts import Timeouts
 from shared.runtime.tokens import TokenStream
 from shared.runtime.tracing import Tracing
@@ -107,6 +108,8 @@ class StageRuntime:
         graph = topology.graph
         self._channels = {name: graph[name].channel for name in self.stage.route.targets}
         """The channel of each stage this one's output may go to."""
+        self._rooms: dict[str | None, Room] = {to: Room() for to in [None, *self._channels]}
+        """Turns at each next channel (None: the results) while it is full."""
         # A client's request is held to the intake's limit; later, a message has grown by what
         # stages added (shared.limits) and only the server's limit applies.
         self._max_bytes = settings.max_message_bytes if self._from_client else bus.max_payload
@@ -441,21 +444,26 @@ class StageRuntime:
         if replay is not None:
             headers = {**(carry or {}), deadletter.REPLAY_OF: replay}
         msg_id = self._output_id(request, replay)
-        give_up, pause, trouble = time.monotonic() + self._cfg.shed_after, 0.05, 0.25
+        give_up, trouble = time.monotonic() + self._cfg.shed_after, 0.25
+        room = self._rooms[to]
+        if room.full:  # others wait for their turn at it: so does this one
+            await room.wait(self._cfg.shed_after)
         while True:
             try:
                 await self._bus.publish(subject, payload, msg_id=msg_id, headers=headers)
+                room.passed()
                 return to
             except MessageTooLarge as exc:  # no retry makes it smaller
                 raise Reject(f"{self.name}'s output is too large to pass on: {exc}") from None
             except Overloaded as exc:
-                # A full next channel: wait for room (a restart, a burst) before shedding.
+                # A full next channel: wait for room (a restart, a burst) before shedding,
+                # taking turns with this instance's other messages for it.
                 left = give_up - time.monotonic()
                 if left <= 0:
                     raise Overloaded(exc.subject, f"still full after {self._cfg.shed_after:g}s "
                                      f"(stages.{self.name}.shed_after)") from None  # fmt: skip
-                await asyncio.sleep(min(pause, left))
-                pause = min(pause * 2, 1.0)
+                if not await room.refused(left):
+                    await room.wait(left)
             except BusError as exc:
                 # A leader election, a reconnect, a timeout: it passes. Retried here, the
                 # handler's work is kept and no attempt is spent (the keep-alive holds the
