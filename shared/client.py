@@ -72,6 +72,12 @@ class Client:
         """Close the connection."""
         await self.bus.close()
 
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
     async def publish(
         self,
         text: str,

@@ -1,6 +1,7 @@
 """Stage processes: connect, declare, run stages until a signal, drain, disconnect."""
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -10,8 +11,10 @@ from functools import partial
 from pathlib import Path
 
 from shared.app import heap
+from shared.app.http import Probes, serve_http
 from shared.app.load import load
 from shared.errors import OrchestratorError
+from shared.metrics import Metrics
 from shared.runtime.group import HEALTH_STALE, StageGroup, declare
 from shared.settings import Settings
 from shared.topology import Topology
@@ -26,7 +29,30 @@ DEFAULT_URL = "nats://127.0.0.1:4222"
 async def serve(settings: Settings, stages: list[str], url: str) -> None:
     """Connect, declare, run `stages` until SIGINT/SIGTERM, then drain and disconnect."""
     topology = Topology(settings)
-    group = StageGroup(settings, stages, topology)  # a broken stage fails before connecting
+    metrics = Metrics() if settings.http.port else None
+    group = StageGroup(settings, stages, topology, metrics)  # a broken stage fails here
+    async with contextlib.AsyncExitStack() as stack:
+        probes = None
+        if metrics is not None:  # answering probes from the start: not ready until consuming
+            probes = Probes(metrics)
+            await stack.enter_async_context(await _listening(probes, settings))
+        await _serve(settings, group, topology, url, probes)
+
+
+async def _listening(probes: Probes, settings: Settings) -> asyncio.Server:
+    host, port = settings.http.host, settings.http.port
+    try:
+        server = await serve_http(probes, host, port)
+    except OSError as exc:
+        raise OrchestratorError(f"cannot listen on {host}:{port} (http.port): "
+                                f"{exc.strerror or exc}") from None  # fmt: skip
+    log.info("metrics and probes on http://%s:%d/metrics, /healthz, /readyz", host, port)
+    return server
+
+
+async def _serve(settings: Settings, group: StageGroup, topology: Topology, url: str,
+                 probes: Probes | None) -> None:  # fmt: skip
+    stages = [plan.stage.name for plan in group.plans]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -43,11 +69,15 @@ async def serve(settings: Settings, stages: list[str], url: str) -> None:
         log.info("stopped before connecting")
         return
     bus = connecting.result()
+    if probes is not None:
+        probes.connected = lambda: bus.connected
     try:
         for line in await _declared(bus, topology, stop):
             log.info(line)
         heap.settle()  # start-up is over: what exists now lives as long as the process
         group.start(bus)
+        if probes is not None:
+            probes.group = group
         health = asyncio.create_task(_report_health(group, settings.health_file))
         log.info("running %s on %s", ", ".join(rt.instance for rt in group.runtimes), url)
         stopper = asyncio.create_task(stop.wait())

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterable
 
 from shared.limits import check_limits
+from shared.metrics import Metrics
 from shared.runtime.loop import StageRuntime
 from shared.runtime.plan import plan_stage
 from shared.settings import Settings
@@ -56,9 +57,15 @@ class StageGroup:
     """
 
     def __init__(
-        self, settings: Settings, stages: Iterable[str], topology: Topology | None = None
+        self,
+        settings: Settings,
+        stages: Iterable[str],
+        topology: Topology | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics
+        """Where the stages record their metrics (None: they record none)."""
         self.topology = topology or Topology(settings)
         self.plans = [plan_stage(settings, self.topology.graph, name) for name in stages]
         self.runtimes: list[StageRuntime] = []
@@ -81,6 +88,7 @@ class StageGroup:
                 self.topology,
                 bus,
                 instance_id(plan.stage.name, self.settings.instance),
+                self.metrics,
             )
             for plan in self.plans
         ]
@@ -90,6 +98,10 @@ class StageGroup:
     def running(self) -> bool:
         """Whether every runtime's loop is still running."""
         return bool(self._tasks) and not any(task.done() for task in self._tasks)
+
+    def ready(self) -> bool:
+        """Every runtime is running and consuming (not starting, not draining)."""
+        return self.running and all(rt.ready for rt in self.runtimes)
 
     def healthy(self, stale_after: float = HEALTH_STALE) -> bool:
         """True while every runtime's loop is running and went round recently."""

@@ -52,6 +52,7 @@ from shared.failure import (
 )
 from shared.gate import Gate
 from shared.graph import INTAKE
+from shared.metrics import Metrics
 from shared.middleware import Call, CallNext, Middleware, Outcome, Output, compose, observers
 from shared.runtime.affinity import Affinity
 from shared.runtime.attempts import AttemptLog, Prior
@@ -63,7 +64,7 @@ from shared.runtime.tracing import Tracing
 from shared.settings import Settings
 from shared.stage import Partial
 from shared.topology import OUTCOMES, RESULTS, Topology
-from shared.transport.api import VOID, Delivery, MessageBus
+from shared.transport.api import VOID, ConsumerView, Delivery, MessageBus
 from shared.transport.retry import REFUSALS, patiently
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,10 @@ class StageRuntime:
         topology: Topology,
         bus: MessageBus,
         instance: str,
+        metrics: Metrics | None = None,
     ) -> None:
         self.plan = plan
+        self._metrics = metrics
         self.stage = plan.stage
         self.name = plan.stage.name
         self.instance = instance
@@ -142,6 +145,17 @@ class StageRuntime:
         """Ask the loop to stop fetching; `run` returns once in-flight messages are settled."""
         self._stopping.set()
 
+    @property
+    def ready(self) -> bool:
+        """Joined its stage's membership and consuming: not starting, not draining."""
+        return self.affinity is not None and not self._stopping.is_set()
+
+    async def consumer_view(self) -> ConsumerView | None:
+        """This instance's consumer as the server reports it (None: it has none now)."""
+        if self.affinity is None:
+            return None
+        return await self._bus.admin.consumer(self._stream, self.affinity.consumer_name)
+
     async def run(self) -> None:
         """Set up, consume until `stop` is called, drain what was taken, hand over, tear down."""
         async with contextlib.AsyncExitStack() as stack:
@@ -152,6 +166,8 @@ class StageRuntime:
         plan = self.plan
         handler = await open_component(plan.handler, self._context(plan.handler.options), stack)
         chain: list[Middleware] = [Tracing()]
+        if self._metrics is not None:
+            chain.append(self._metrics.for_stage(self.name, self.instance, last=self.stage.last))
         for prepared in plan.middleware:
             made = await open_component(prepared, self._context(prepared.options), stack)
             if not isinstance(made, Middleware):

@@ -83,6 +83,11 @@ class Bus:
         return self._nc.max_payload
 
     @property
+    def connected(self) -> bool:
+        """Whether the connection is up (not reconnecting, not closed)."""
+        return bool(self._nc.is_connected)
+
+    @property
     def connected_url(self) -> str:
         """The URL of the server this connection is attached to."""
         url = self._nc.connected_url
