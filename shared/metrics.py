@@ -10,6 +10,7 @@ Names follow Prometheus conventions (base units, `_total` counters); README list
 """
 
 import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -73,12 +74,69 @@ class Metrics:
         """Everything recorded, in Prometheus's text format."""
         return generate_latest(self.registry)
 
+    def snapshot(self, stage: str, instance: str) -> dict[str, Any]:
+        """One instance's counters and histograms as plain JSON-ready values: counts by
+        outcome and by dead-letter reason, redeliveries, calls in flight, and for each
+        latency its count, sum and cumulative buckets (`[[upper_bound, count], ...]`, the
+        last bound "+Inf"), from which a reader takes percentiles over any interval."""
+        messages: dict[str, float] = {}
+        reasons: dict[str, float] = {}
+        histograms: dict[str, dict[str, Any]] = {}
+        scalars: dict[str, float] = {}
+        for family in self.registry.collect():
+            for sample in family.samples:
+                labels = sample.labels
+                if labels.get("stage") != stage or labels.get("instance") != instance:
+                    continue
+                name = sample.name.removeprefix(f"{PREFIX}_")
+                if name == "messages_total":
+                    messages[labels["outcome"]] = sample.value
+                elif name == "dead_letters_total":
+                    reasons[labels["reason"]] = sample.value
+                elif name in ("redeliveries_total", "in_flight"):
+                    scalars[name.removesuffix("_total")] = sample.value
+                elif family.type == "histogram" and "model" not in labels:
+                    _histogram_sample(histograms, family.name.removeprefix(f"{PREFIX}_"),
+                                      sample.name, labels, sample.value)  # fmt: skip
+        return {"messages": messages, "dead_letters": reasons, **scalars, **histograms}
+
+
+def _histogram_sample(into: dict[str, dict[str, Any]], name: str, sample: str,
+                      labels: dict[str, str], value: float) -> None:  # fmt: skip
+    entry = into.setdefault(name, {"count": 0.0, "sum": 0.0, "buckets": []})
+    if sample.endswith("_bucket"):
+        bound = labels["le"]
+        entry["buckets"].append([bound if bound == "+Inf" else float(bound), value])
+    elif sample.endswith("_count"):
+        entry["count"] = value
+    elif sample.endswith("_sum"):
+        entry["sum"] = value
+
+
+def quantile(buckets: list[list[Any]], q: float) -> float | None:
+    """The `q` quantile (0..1) of cumulative `[[upper_bound, count], ...]` buckets, by linear
+    interpolation inside the bucket it falls in, as Prometheus's histogram_quantile does;
+    None when they count nothing. A quantile in the +Inf bucket is the largest finite bound."""
+    if not buckets or not buckets[-1][1]:
+        return None
+    rank = q * buckets[-1][1]
+    lower, below = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank and count > below:
+            if bound == "+Inf":
+                return lower
+            return lower + (float(bound) - lower) * (rank - below) / (count - below)
+        if bound != "+Inf":
+            lower = float(bound)
+        below = count
+    return lower
+
 
 class StageMetrics(Middleware):
     """Records one stage instance's calls and outcomes (its labels bound once)."""
 
     def __init__(self, metrics: Metrics, stage: str, instance: str, last: bool) -> None:
-        self._metrics, self._ids, self._last = metrics, (stage, instance), last
+        self._metrics, self._ids = metrics, (stage, instance)
         ids = self._ids
         self._forwarded = metrics.messages.labels(*ids, "forwarded")
         self._retried = metrics.messages.labels(*ids, "retried")
@@ -86,7 +144,7 @@ class StageMetrics(Middleware):
         self._redelivered = metrics.redeliveries.labels(*ids)
         self._handler = metrics.handler.labels(*ids)
         self._queue_wait = metrics.queue_wait.labels(*ids)
-        self._request = metrics.request.labels(*ids)
+        self._request = metrics.request.labels(*ids) if last else None
         self._in_flight = metrics.in_flight.labels(*ids)
 
     async def handle(self, call: Call, call_next: CallNext) -> Output:
@@ -106,7 +164,7 @@ class StageMetrics(Middleware):
         if isinstance(output, Envelope) and "usage" in output.data:
             if "usage" not in request.data:  # this stage asked a model
                 self._model(output.data["usage"])
-        elif isinstance(output, Result) and self._last:
+        elif isinstance(output, Result) and self._request is not None:
             self._request.observe(max(0.0, time.time() - request.created_at))
         return output
 

@@ -162,11 +162,18 @@ class DeadLetterSettings(_Section):
     max_bytes: int = Field(default=1024 * 1024 * 1024, ge=1024)
 
 
+class MetricsSettings(_Section):
+    """What a stage process records about its messages (for `/metrics`, `$SRV.STATS`, OTLP)."""
+
+    enabled: bool = True
+    """False: nothing recorded; `/metrics` then shows only the consumer state."""
+
+
 class HttpSettings(_Section):
     """The stage process's HTTP endpoint: `/metrics` (Prometheus), `/healthz`, `/readyz`."""
 
     port: int = Field(default=0, ge=0, le=65535)
-    """0: no endpoint (and no metrics recorded). Processes on one host need one port each."""
+    """0: no endpoint. Processes on one host need one port each."""
     host: str = "127.0.0.1"
     """The address to listen on: `0.0.0.0` to be scraped from other hosts or containers."""
 
@@ -211,6 +218,7 @@ class Settings(BaseSettings):
     tokens: TokensSettings = TokensSettings()
     dead_letter: DeadLetterSettings = DeadLetterSettings()
     affinity: AffinitySettings = AffinitySettings()
+    metrics: MetricsSettings = MetricsSettings()
     http: HttpSettings = HttpSettings()
 
     @field_validator("nats_url", mode="before")

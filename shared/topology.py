@@ -55,6 +55,11 @@ class Topology:
         """Where a client publishes a request of `session_id`."""
         return self.subject_for(INTAKE, session_id)
 
+    def status_subject(self, instance: str) -> str:
+        """Where a stage instance answers requests for its status (a NATS micro endpoint;
+        four tokens, so no channel's stream, `<prefix>.<channel>.*`, captures it)."""
+        return f"{self.prefix}.stages.status.{instance}"
+
     def result_subject(self, request_id: str) -> str:
         """Where the result of `request_id` is stored."""
         return f"{self.prefix}.{RESULTS}.{request_id}"

@@ -11,15 +11,17 @@ from functools import partial
 from pathlib import Path
 
 from shared.app import heap
+from shared.app.discovery import announce
 from shared.app.http import Probes, serve_http
 from shared.app.load import load
-from shared.errors import OrchestratorError
+from shared.errors import BusError, OrchestratorError
 from shared.metrics import Metrics
 from shared.runtime.group import HEALTH_STALE, StageGroup, declare
 from shared.settings import Settings
 from shared.topology import Topology
 from shared.transport.connection import Bus
 from shared.transport.retry import patiently
+from shared.transport.service import Endpoint
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +31,12 @@ DEFAULT_URL = "nats://127.0.0.1:4222"
 async def serve(settings: Settings, stages: list[str], url: str) -> None:
     """Connect, declare, run `stages` until SIGINT/SIGTERM, then drain and disconnect."""
     topology = Topology(settings)
-    metrics = Metrics() if settings.http.port else None
+    metrics = Metrics() if settings.metrics.enabled else None
     group = StageGroup(settings, stages, topology, metrics)  # a broken stage fails here
     async with contextlib.AsyncExitStack() as stack:
         probes = None
-        if metrics is not None:  # answering probes from the start: not ready until consuming
-            probes = Probes(metrics)
+        if settings.http.port:  # answering probes from the start: not ready until consuming
+            probes = Probes(metrics or Metrics())  # off: the consumer state alone
             await stack.enter_async_context(await _listening(probes, settings))
         await _serve(settings, group, topology, url, probes)
 
@@ -78,6 +80,7 @@ async def _serve(settings: Settings, group: StageGroup, topology: Topology, url:
         group.start(bus)
         if probes is not None:
             probes.group = group
+        endpoints = await _announced(bus, group, topology)
         health = asyncio.create_task(_report_health(group, settings.health_file))
         log.info("running %s on %s", ", ".join(rt.instance for rt in group.runtimes), url)
         stopper = asyncio.create_task(stop.wait())
@@ -86,6 +89,8 @@ async def _serve(settings: Settings, group: StageGroup, topology: Topology, url:
         log.info("stopping: draining in-flight messages")
         health.cancel()
         await group.stop()
+        for endpoint in endpoints:
+            await endpoint.stop(drain=1.0)
         stopper.cancel()
         if runner.done():
             runner.result()
@@ -93,6 +98,15 @@ async def _serve(settings: Settings, group: StageGroup, topology: Topology, url:
     finally:
         await bus.close()
     log.info("stopped")
+
+
+async def _announced(bus: Bus, group: StageGroup, topology: Topology) -> list[Endpoint]:
+    # Discovery is for operators: a stage that cannot announce itself still does its work.
+    try:
+        return await announce(bus, group, topology, group.metrics)
+    except BusError as exc:
+        log.warning("not answering $SRV requests: %s", exc)
+        return []
 
 
 async def _declared(bus: Bus, topology: Topology, stop: asyncio.Event) -> list[str]:

@@ -4,7 +4,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
 
 import nats
 import nats.errors
@@ -127,12 +128,14 @@ class Bus:
         queue_group: str,
         handler: Handler,
         metadata: Mapping[str, str] | None = None,
+        endpoint: str = "generate",
+        stats: Callable[[], Any] | None = None,
     ) -> Endpoint:
         """A NATS micro service endpoint answering `subject` in `queue_group` (see
         shared.transport.service)."""
         return await serve(self._nc, name=name, version=version, description=description,
                            subject=subject, queue_group=queue_group, handler=handler,
-                           metadata=metadata)  # fmt: skip
+                           metadata=metadata, endpoint=endpoint, stats=stats)  # fmt: skip
 
     def request_stream(
         self, subject: str, data: bytes, headers: Mapping[str, str] | None = None

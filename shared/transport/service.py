@@ -54,9 +54,12 @@ async def serve(
     queue_group: str,
     handler: Handler,
     metadata: Mapping[str, str] | None = None,
+    endpoint: str = "generate",
+    stats: Callable[[], Any] | None = None,
 ) -> Endpoint:
     """Answer requests on `subject` in `queue_group`, each in a task of its own (the micro
-    library would run them one at a time)."""
+    library would run them one at a time). `stats` gives the endpoint's `data` in answers to
+    `$SRV.STATS`."""
     tasks: set[asyncio.Task[None]] = set()
 
     async def take(request: Request) -> None:
@@ -73,9 +76,10 @@ async def serve(
         task.add_done_callback(tasks.discard)
 
     try:
+        data = (lambda _: stats()) if stats else None
         service = await add_service(nc, name=name, version=version, description=description,
-                                    metadata=dict(metadata or {}))  # fmt: skip
-        await service.add_endpoint(name="generate", subject=subject, queue_group=queue_group,
+                                    metadata=dict(metadata or {}), stats_handler=data)  # fmt: skip
+        await service.add_endpoint(name=endpoint, subject=subject, queue_group=queue_group,
                                    handler=take)  # fmt: skip
     except nats.errors.Error as exc:
         raise BusError(f"cannot serve {subject}: {exc!r}") from None
