@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from opentelemetry import propagate
+from opentelemetry import propagate, trace
 
 from shared.cancel import cancel_and_wait
 from shared.envelope import (
@@ -31,6 +31,7 @@ from shared.errors import (
     ResultTimeout,
 )
 from shared.settings import Settings
+from shared.telemetry import tracing_on
 from shared.topology import RESULTS, Topology
 from shared.transport.api import MessageBus
 from shared.transport.connection import Bus
@@ -50,6 +51,25 @@ class Chunk:
 
 
 _RECHECK = 2.0  # seconds between looks at the results stream while waiting (covers reconnects)
+
+
+_tracer = trace.get_tracer("prompt-orchestrator")
+
+
+def _trace_context(request_id: str, subject: str) -> dict[str, str]:
+    """W3C trace headers for a request: the caller's active trace if there is one; else, with
+    an OpenTelemetry SDK installed, a new trace whose root span is this publish."""
+    headers: dict[str, str] = {}
+    if trace.get_current_span().get_span_context().is_valid or not tracing_on():
+        propagate.inject(headers)
+        return headers
+    attributes = {"messaging.system": "nats", "messaging.operation.type": "send",
+                  "messaging.destination.name": subject,
+                  "orchestrator.request_id": request_id}  # fmt: skip
+    with _tracer.start_as_current_span("orchestrator publish", kind=trace.SpanKind.PRODUCER,
+                                       attributes=attributes):  # fmt: skip
+        propagate.inject(headers)
+    return headers
 
 
 class Client:
@@ -112,8 +132,7 @@ class Client:
                 f"the request is {len(data)} bytes encoded, over the pipeline's "
                 f"max_message_bytes of {limit}; nothing was sent"
             )
-        trace_headers: dict[str, str] = {}
-        propagate.inject(trace_headers)  # the caller's active trace, if any (W3C traceparent)
+        trace_headers = _trace_context(envelope.request_id, subject)
         give_up = time.monotonic() + (self.settings.publish_timeout if wait is None else wait)
         pause = 0.1
         while True:

@@ -9,20 +9,15 @@ un-acked, partitions owned) is read from JetStream when the endpoint is scraped
 Names follow Prometheus conventions (base units, `_total` counters); README lists them.
 """
 
-import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from shared.envelope import Envelope, Result
-from shared.middleware import Call, CallNext, Middleware, Outcome, Output
+from shared.middleware import Middleware
+from shared.recorders import LATENCY_BUCKETS, RATE_BUCKETS, Recorders, StageMetrics
+from shared.telemetry import metrics_on
 
 PREFIX = "orchestrator"
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                   5.0, 10.0, 30.0, 60.0, 120.0)  # fmt: skip
-"""Seconds: from a hop's half-millisecond to a slow model's minutes."""
-RATE_BUCKETS = (1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0)
-"""Tokens per second."""
 
 
 class Metrics:
@@ -66,9 +61,15 @@ class Metrics:
         self.partitions = Gauge(f"{PREFIX}_partitions_owned", "Partitions of its channel this "
                                 "instance consumes", ids, registry=r)  # fmt: skip
 
-    def for_stage(self, stage: str, instance: str, *, last: bool) -> "StageMetrics":
-        """The middleware that records one stage instance's calls; `last`: it stores results."""
-        return StageMetrics(self, stage, instance, last)
+    def for_stage(self, stage: str, instance: str, *, last: bool) -> list[Middleware]:
+        """The middleware that records one stage instance's calls (`last`: it stores results):
+        into this registry, and through OpenTelemetry when an SDK meter provider is set."""
+        chain: list[Middleware] = [StageMetrics(prometheus_recorders(self, stage, instance, last))]
+        if metrics_on():
+            from shared.otelmetrics import otel_recorders
+
+            chain.append(StageMetrics(otel_recorders(stage, instance, last)))
+        return chain
 
     def exposition(self) -> bytes:
         """Everything recorded, in Prometheus's text format."""
@@ -132,64 +133,22 @@ def quantile(buckets: list[list[Any]], q: float) -> float | None:
     return lower
 
 
-class StageMetrics(Middleware):
-    """Records one stage instance's calls and outcomes (its labels bound once)."""
-
-    def __init__(self, metrics: Metrics, stage: str, instance: str, last: bool) -> None:
-        self._metrics, self._ids = metrics, (stage, instance)
-        ids = self._ids
-        self._forwarded = metrics.messages.labels(*ids, "forwarded")
-        self._retried = metrics.messages.labels(*ids, "retried")
-        self._dead_lettered = metrics.messages.labels(*ids, "dead_lettered")
-        self._redelivered = metrics.redeliveries.labels(*ids)
-        self._handler = metrics.handler.labels(*ids)
-        self._queue_wait = metrics.queue_wait.labels(*ids)
-        self._request = metrics.request.labels(*ids) if last else None
-        self._in_flight = metrics.in_flight.labels(*ids)
-
-    async def handle(self, call: Call, call_next: CallNext) -> Output:
-        """Time the call; count redeliveries; note what a model reported."""
-        request = call.request
-        previous = request.hops[-1].done if request.hops else request.created_at
-        self._queue_wait.observe(max(0.0, call.received - previous))
-        if call.attempt > 1:
-            self._redelivered.inc()
-        self._in_flight.inc()
-        start = time.perf_counter()
-        try:
-            output = await call_next(call)
-        finally:
-            self._handler.observe(time.perf_counter() - start)
-            self._in_flight.dec()
-        if isinstance(output, Envelope) and "usage" in output.data:
-            if "usage" not in request.data:  # this stage asked a model
-                self._model(output.data["usage"])
-        elif isinstance(output, Result) and self._request is not None:
-            self._request.observe(max(0.0, time.time() - request.created_at))
-        return output
-
-    def settled(self, stage: str, request: Envelope | None, outcome: Outcome) -> None:
-        """Count how the message left the stage."""
-        if outcome.action == "forwarded":
-            self._forwarded.inc()
-        elif outcome.action == "retried":
-            self._retried.inc()
-        else:
-            self._dead_lettered.inc()
-            self._metrics.dead_letters.labels(*self._ids, outcome.reason or "unknown").inc()
-
-    def _model(self, usage: object) -> None:
-        if not isinstance(usage, dict):
-            return
-        model = str(usage.get("pool") or usage.get("model") or "unknown")
-        m, ids = self._metrics, self._ids
-        for key, direction in (("prompt_tokens", "input"), ("completion_tokens", "output")):
-            count = usage.get(key)
-            if isinstance(count, int) and count > 0:
-                m.tokens.labels(*ids, model, direction).inc(count)
-        ttft = usage.get("ttft_ms")
-        if isinstance(ttft, int | float):
-            m.first_token.labels(*ids, model).observe(ttft / 1000)
-        rate = usage.get("tokens_per_second")
-        if isinstance(rate, int | float):
-            m.token_rate.labels(*ids, model).observe(rate)
+def prometheus_recorders(m: Metrics, stage: str, instance: str, last: bool) -> Recorders:
+    """Recorders writing to `m`'s Prometheus instruments."""
+    ids = (stage, instance)
+    in_flight = m.in_flight.labels(*ids)
+    return Recorders(
+        forwarded=m.messages.labels(*ids, "forwarded").inc,
+        retried=m.messages.labels(*ids, "retried").inc,
+        dead_lettered=m.messages.labels(*ids, "dead_lettered").inc,
+        dead_letter=lambda reason: m.dead_letters.labels(*ids, reason).inc(),
+        redelivered=m.redeliveries.labels(*ids).inc,
+        enter=in_flight.inc,
+        leave=in_flight.dec,
+        handler=m.handler.labels(*ids).observe,
+        queue_wait=m.queue_wait.labels(*ids).observe,
+        request=m.request.labels(*ids).observe if last else None,
+        tokens=lambda model, direction, n: m.tokens.labels(*ids, model, direction).inc(n),
+        first_token=lambda model, s: m.first_token.labels(*ids, model).observe(s),
+        token_rate=lambda model, r: m.token_rate.labels(*ids, model).observe(r),
+    )

@@ -126,3 +126,10 @@ def _bind(mw: Middleware, call_next: CallNext) -> CallNext:
 def observers(chain: Sequence[Middleware]) -> list[Middleware]:
     """The middleware in `chain` that override `settled`."""
     return [mw for mw in chain if type(mw).settled is not Middleware.settled]
+
+
+def waited_since(call: Call) -> float:
+    """Unix time the call's message started waiting for this stage: when the stage before
+    finished with it, or, at the first stage, when the request was created."""
+    request = call.request
+    return request.hops[-1].done if request.hops else request.created_at

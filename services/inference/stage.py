@@ -14,6 +14,7 @@ from shared.envelope import Envelope
 from shared.stage import Partial, StageContext, StreamingHandler, stage
 from shared.workers.models import DEFAULT, Answered, ModelOptions, ModelRoute, ModelRouter
 from shared.workers.remote import Requester
+from shared.workers.spans import ModelSpan
 
 
 class Options(ModelOptions):
@@ -55,21 +56,29 @@ async def generate(router: ModelRouter, request: Envelope) -> AsyncIterator[Part
     started, first = time.monotonic(), None
     pieces: list[str] = []
     streaming = request.stream  # pieces nobody follows are not handed on
-    async for item in router.stream(request, prompt):
-        if isinstance(item, str):
-            if first is None:
-                first = time.monotonic()
-            pieces.append(item)
-            if streaming:
-                yield Partial(item)
-        elif isinstance(item, Answered):
-            answered = item
-        else:  # RESTART: a stand-in starts the answer over
-            pieces, started, first = [], time.monotonic(), None
-            if streaming:
-                yield Partial("", restart=True)
-    answer = {COMPLETION: "".join(pieces), USAGE: _usage(answered, started, first)}
-    yield write_all(request, answer, drop=[PROMPT])  # answered: no later stage reads it
+    span = ModelSpan.start()
+    try:
+        async for item in router.stream(request, prompt):
+            if isinstance(item, str):
+                if first is None:
+                    first = time.monotonic()
+                pieces.append(item)
+                if streaming:
+                    yield Partial(item)
+            elif isinstance(item, Answered):
+                answered = item
+            else:  # RESTART: a stand-in starts the answer over
+                pieces, started, first = [], time.monotonic(), None
+                if streaming:
+                    yield Partial("", restart=True)
+    except BaseException as exc:
+        if span is not None:
+            span.failed(exc)
+        raise
+    usage = _usage(answered, started, first)
+    if span is not None:
+        span.answered(usage)
+    yield write_all(request, {COMPLETION: "".join(pieces), USAGE: usage}, drop=[PROMPT])
 
 
 def _usage(answered: Answered, started: float, first: float | None) -> dict[str, Any]:

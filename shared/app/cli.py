@@ -7,6 +7,7 @@ import signal
 import sys
 from pathlib import Path
 
+from shared import telemetry
 from shared.app import commands, operate
 from shared.app.args import (
     Parser,
@@ -234,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
             code = WITHOUT_SETTINGS[args.command](args)
         else:
             settings = load(args.config, nats_url=args.nats_url)
+            stage = getattr(args, "stage", None) if args.command == "run" else None
+            telemetry.configure(f"orchestrator-{stage}" if stage else "orchestrator")
             install_event_loop_policy()
             code = asyncio.run(COMMANDS[args.command](args, settings))
     except KeyboardInterrupt:

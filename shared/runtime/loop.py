@@ -167,7 +167,7 @@ class StageRuntime:
         handler = await open_component(plan.handler, self._context(plan.handler.options), stack)
         chain: list[Middleware] = [Tracing()]
         if self._metrics is not None:
-            chain.append(self._metrics.for_stage(self.name, self.instance, last=self.stage.last))
+            chain += self._metrics.for_stage(self.name, self.instance, last=self.stage.last)
         for prepared in plan.middleware:
             made = await open_component(prepared, self._context(prepared.options), stack)
             if not isinstance(made, Middleware):
@@ -387,6 +387,7 @@ class StageRuntime:
         holds what earlier consumers recorded for a suspect.
         """
         request: Envelope | None = None
+        call: Call | None = None
         suspect = delivery.delivered > 1 or prior is not None  # it may have been handled
         try:
             request = decode(delivery.data, Envelope, self._max_bytes)
@@ -418,8 +419,9 @@ class StageRuntime:
                 self._notify(request, Outcome("forwarded", time.time() - received, to=to))
             return True
         except Exception as exc:  # any failure becomes a retry or a dead letter, never a crash
+            carry = call.carry if call is not None else None  # the trace it was handled in
             return await self._settle_failure(
-                delivery, request, exc, attempt, prior, received, suspect
+                delivery, request, exc, attempt, prior, received, suspect, carry
             )
 
     async def _forward(
@@ -508,8 +510,10 @@ class StageRuntime:
         prior: Prior | None,
         received: float,
         suspect: bool,
+        carry: Mapping[str, str] | None = None,
     ) -> bool:
-        """Retry or dead-letter after a failed attempt; True if the message left for good."""
+        """Retry or dead-letter after a failed attempt; True if the message left for good.
+        `carry`: the headers the attempt would have passed on (its trace context)."""
         action = decide(exc, attempt, self._cfg.max_deliver, self._cfg.backoff)
         try:
             if isinstance(action, Retry):
@@ -528,7 +532,7 @@ class StageRuntime:
                 return False
             losses = prior.losses if prior is not None else 0
             settled = await self._dead_letter(
-                delivery, request, action, attempt + losses, suspect=suspect
+                delivery, request, action, attempt + losses, suspect=suspect, carry=carry
             )
             if settled and self._observers:
                 outcome = Outcome("dead_lettered", time.time() - received,
@@ -623,6 +627,7 @@ class StageRuntime:
         *,
         suspect: bool = False,
         repeat: bool = False,
+        carry: Mapping[str, str] | None = None,
     ) -> bool:
         """Store the dead-letter entry and the request's outcome, then ack; True if settled.
 
@@ -660,7 +665,7 @@ class StageRuntime:
             delivered=attempt,
             request_id=request_id,
             session_id=session_id,
-            original=delivery.headers,
+            original={**delivery.headers, **carry} if carry else delivery.headers,
         )
         # Keyed by the input's stream sequence, so a redelivered copy is stored only once.
         msg_id = f"dlq:{self._stream}:{delivery.stream_seq}"

@@ -1,0 +1,95 @@
+"""What a stage instance records per message, whatever the backend: the `Recorders` it
+writes through (labels bound once) and the `StageMetrics` middleware that calls them."""
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from shared.deadletter import REPLAY_OF
+from shared.envelope import Envelope, Result
+from shared.middleware import Call, CallNext, Middleware, Outcome, Output, waited_since
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                   5.0, 10.0, 30.0, 60.0, 120.0)  # fmt: skip
+"""Seconds: from a hop's half-millisecond to a slow model's minutes."""
+RATE_BUCKETS = (1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0)
+"""Tokens per second."""
+
+
+@dataclass(frozen=True, slots=True)
+class Recorders:
+    """How one stage instance records, its labels bound already: each field is called with the
+    value to record (a backend's bound method, so recording costs one call)."""
+
+    forwarded: Callable[[], Any]
+    retried: Callable[[], Any]
+    dead_lettered: Callable[[], Any]
+    dead_letter: Callable[[str], Any]
+    """Called with the dead-letter reason."""
+    redelivered: Callable[[], Any]
+    enter: Callable[[], Any]
+    """A handler call starts (in flight + 1)."""
+    leave: Callable[[], Any]
+    handler: Callable[[float], Any]
+    queue_wait: Callable[[float], Any]
+    request: Callable[[float], Any] | None
+    """End to end: only at a last stage."""
+    tokens: Callable[[str, str, int], Any]
+    """Called with model, direction ("input" or "output") and the count."""
+    first_token: Callable[[str, float], Any]
+    token_rate: Callable[[str, float], Any]
+
+
+class StageMetrics(Middleware):
+    """Records one stage instance's calls and outcomes through its `Recorders`."""
+
+    def __init__(self, record: Recorders) -> None:
+        self._r = record
+
+    async def handle(self, call: Call, call_next: CallNext) -> Output:
+        """Time the call; count redeliveries; note what a model reported."""
+        r, request = self._r, call.request
+        if REPLAY_OF not in call.headers:  # a replay's wait was spent dead-lettered
+            r.queue_wait(max(0.0, call.received - waited_since(call)))
+        if call.attempt > 1:
+            r.redelivered()
+        r.enter()
+        start = time.perf_counter()
+        try:
+            output = await call_next(call)
+        finally:
+            r.handler(time.perf_counter() - start)
+            r.leave()
+        if isinstance(output, Envelope) and "usage" in output.data:
+            if "usage" not in request.data:  # this stage asked a model
+                self._model(output.data["usage"])
+        elif isinstance(output, Result) and r.request is not None:
+            r.request(max(0.0, time.time() - request.created_at))
+        return output
+
+    def settled(self, stage: str, request: Envelope | None, outcome: Outcome) -> None:
+        """Count how the message left the stage."""
+        if outcome.action == "forwarded":
+            self._r.forwarded()
+        elif outcome.action == "retried":
+            self._r.retried()
+        else:
+            self._r.dead_lettered()
+            self._r.dead_letter(outcome.reason or "unknown")
+
+    def _model(self, usage: object) -> None:
+        if not isinstance(usage, dict):
+            return
+        r = self._r
+        model = str(usage.get("pool") or usage.get("model") or "unknown")
+        for key, direction in (("prompt_tokens", "input"), ("completion_tokens", "output")):
+            count = usage.get(key)
+            if isinstance(count, int) and count > 0:
+                r.tokens(model, direction, count)
+        ttft = usage.get("ttft_ms")
+        if isinstance(ttft, int | float):
+            r.first_token(model, ttft / 1000)
+        rate = usage.get("tokens_per_second")
+        if isinstance(rate, int | float):
+            r.token_rate(model, rate)
