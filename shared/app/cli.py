@@ -79,7 +79,9 @@ def _parser() -> argparse.ArgumentParser:
         "every stage instance is its own process, so one machine can use all its cores. With "
         "no NATS URL configured it starts an embedded nats-server: on 127.0.0.1:4222 with its "
         "store in ~/.cache/prompt-orchestrator (kept across restarts) when that port is free, "
-        "else on a free port with a temporary store removed when it stops.",
+        "else on a free port with a temporary store removed when it stops. With [http] port "
+        "set (ORCH_HTTP__PORT), the separate processes serve /metrics on that port and the "
+        "ones after it, one each, in the order the stages are listed.",
     )
     up.add_argument(
         "--instances", type=positive_int, help="processes per stage (default: from config)"

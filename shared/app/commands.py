@@ -92,7 +92,7 @@ async def up(args: argparse.Namespace, settings: Settings) -> int:
 
     async def run_on(url: str) -> int:
         if separate:
-            return await supervise(processes, url, args.config)
+            return await supervise(processes, url, args.config, settings.http.port)
         await serve(settings, names, url)
         return 0
 

@@ -18,6 +18,7 @@ from shared.config import CONFIG_ENV
 from shared.settings import Settings
 
 INSTANCE_ENV = "ORCH_INSTANCE"
+HTTP_PORT_ENV = "ORCH_HTTP__PORT"
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def plan(settings: Settings, stages: list[str], instances: int | None) -> list[s
     return out
 
 
-async def supervise(stages: list[str], url: str, config: Path | None) -> int:
+async def supervise(stages: list[str], url: str, config: Path | None, http_port: int = 0) -> int:
     """Run one process per entry of `stages` until a signal; return 0 if all drained cleanly.
 
     A child that dies on its own is restarted after a delay that doubles while it keeps
@@ -76,6 +77,8 @@ async def supervise(stages: list[str], url: str, config: Path | None) -> int:
         # then stops the children in order. A restarted child keeps its instance name, so it
         # takes its partitions back at once.
         child = {**env, INSTANCE_ENV: f"{{host}}-{os.getpid()}-{slots[i]}"}
+        if http_port:  # one port each on this host: the configured one, then the next ones
+            child[HTTP_PORT_ENV] = str(http_port + i)
         proc = subprocess.Popen([sys.executable, "-m", "shared.app", "run", stages[i]],
                                 env=child, start_new_session=True)  # fmt: skip
         return proc, time.monotonic()

@@ -2,6 +2,8 @@
 
 import asyncio
 import signal
+import socket
+import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -10,7 +12,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shared.app.natsserver import EmbeddedNats, free_port
 from shared.client import Client, RequestDeadLettered
-from tests.support import STAGE_NAMES, StageProcess, settings_for, stage_env, wait_until_consuming
+from tests.support import (
+    STAGE_NAMES,
+    StageProcess,
+    orchestrator_command,
+    settings_for,
+    stage_env,
+    wait_until_consuming,
+)
 
 
 def get(port: int, path: str) -> tuple[int, str]:
@@ -157,3 +166,37 @@ async def test_readyz_is_503_until_the_stage_consumes_and_again_while_it_drains(
         for p in [inference, *others]:
             p.stop()
         server.stop()
+
+
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive free ports on 127.0.0.1."""
+    for _ in range(50):
+        base = free_port()
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise AssertionError(f"no {count} consecutive free ports")
+
+
+async def test_up_gives_each_stage_process_its_own_port(nats_server, tmp_path):
+    base = free_ports(len(STAGE_NAMES))
+    env = stage_env(nats_server.url, ORCH_HTTP__PORT=str(base))
+    log = (tmp_path / "up.log").open("wb")
+    up = subprocess.Popen([*orchestrator_command(), "up", "--instances", "1"], env=env,
+                          stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    log.close()
+    try:
+        for i, stage in enumerate(STAGE_NAMES):
+            await wait_for(base + i, "/readyz", 200)
+            status, text = get(base + i, "/metrics")
+            assert status == 200
+            stages = {ls["stage"] for (name, ls) in ((n, dict(ls)) for n, ls in samples(text))
+                      if name == "orchestrator_partitions_owned"}  # fmt: skip
+            assert stages == {stage}, (base + i, stages)
+    finally:
+        up.send_signal(signal.SIGINT)
+        assert up.wait(60) == 0, (tmp_path / "up.log").read_text()
