@@ -30,11 +30,11 @@ import httpx
 import orjson
 
 from bench.run import ROOT
+from bench.stats import percentile
 from shared.app.load import load
 from shared.app.natsserver import EmbeddedNats
 from shared.client import Chunk, Client
 from shared.envelope import Result
-from shared.latency import percentile
 from shared.status import until_consuming
 from shared.topology import Topology
 from shared.transport.connection import Bus

@@ -35,10 +35,10 @@ import nats
 import nats.js.errors
 import orjson
 
+from bench.stats import percentile
 from bench.topology import HOPS, declare_raw
 from shared.app.natsserver import EmbeddedNats
 from shared.envelope import encode, new_request
-from shared.latency import percentile
 from shared.partition import partition_of
 
 ROOT = Path(__file__).parents[1]

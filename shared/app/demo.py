@@ -3,10 +3,11 @@
 import asyncio
 from typing import TextIO
 
+from shared.app.latency import latency_table
 from shared.cancel import cancel_and_wait
 from shared.client import Client
 from shared.errors import OrchestratorError
-from shared.latency import format_table, stage_latencies
+from shared.metrics import Metrics
 from shared.runtime.group import StageGroup, declare
 from shared.settings import Settings
 from shared.status import until_consuming
@@ -36,7 +37,8 @@ async def run_demo(
     how long each answer may take, times three.
     """
     topology = Topology(settings)
-    group = StageGroup(settings, topology.graph.names, topology)
+    metrics = Metrics()
+    group = StageGroup(settings, topology.graph.names, topology, metrics)
     bus = await Bus.connect(
         url, name="orchestrator-demo", publish_timeout=settings.publish_timeout, wait=5.0
     )
@@ -53,6 +55,7 @@ async def run_demo(
             raise OrchestratorError("a stage stopped before the demo was done")
         stages.cancel()
         work.result()
+        print("\nper-stage latency:\n" + latency_table(metrics, group), file=out)
     finally:
         await group.stop()
         await client.close()
@@ -75,5 +78,3 @@ async def _ask(
         model = f", {usage.model}: {usage.completion_tokens} tokens" if usage else ""
         answer = result.output.replace("\n", "\n     ")
         print(f"[{session}] {text}\n  -> {answer}\n  ({ms:.1f} ms{model})", file=out)
-    rows, end_to_end = stage_latencies(results)
-    print("\nper-stage latency:\n" + format_table(rows, end_to_end), file=out)

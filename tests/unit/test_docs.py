@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.latency import percentile
+from bench.stats import percentile
 from shared.schema import MODELS, SCHEMA_DIR, render
 from tests.support import ROOT
 
