@@ -13,7 +13,9 @@ saturation run against channels of the default size (512): a client keeps 256 pu
 flight and sends again what the full intake refused; goodput counts completed requests, and
 dead-lettered ones are counted apart. Baselines: plain nats-py hops gathering `js.publish`
 per batch, and with `js.publish_async` per batch (and FastStream when installed). The project
-and the baselines alternate, and ratios are computed from numbers of the same run.
+and the baselines alternate, and ratios are computed from numbers of the same run. A full run
+also measures the project with metrics off (`[metrics] enabled = false`) beside it, so
+`throughput_metrics_on_vs_off` and `goodput_metrics_on_vs_off` say what recording them costs.
 """
 
 import argparse
@@ -473,6 +475,10 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         Config("raw nats-py (5 processes)", "raw"),
     )
     alternating = [raw, project]
+    # The same pipeline recording no metrics: what recording them costs, in this run.
+    unmetered = Config("project, metrics off", "project", env={"ORCH_METRICS__ENABLED": "false"})
+    if not quick:
+        alternating.append(unmetered)
     before = None
     if args.compare:
         root = checkout(args.compare, workdir)
@@ -512,6 +518,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     raw_async = Config("raw nats-py publish_async", "raw-async")
     sat_n = args.saturation_requests or (1500 if quick else 6000)
     saturating = [raw, raw_async, project] + ([before] if before is not None else [])
+    if not quick:
+        saturating.append(unmetered)
     saturation: list[Saturation] = []
     for r in range(rounds):
         for config in saturating if r % 2 == 0 else saturating[::-1]:
@@ -528,6 +536,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     ratios = {"throughput_vs_raw": round(p.throughput / b.throughput, 3)}
     if before is not None:
         ratios["throughput_vs_before"] = round(p.throughput / best(before.name).throughput, 3)
+    if any(m.config == unmetered.name for m in results):
+        off = best(unmetered.name).throughput
+        ratios["throughput_metrics_on_vs_off"] = round(p.throughput / off, 3)
     fast = [m for m in results if m.config.startswith("FastStream")]
     if fast:
         ratios["throughput_vs_faststream"] = round(p.throughput / fast[0].throughput, 3)
@@ -544,6 +555,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                       *((("goodput_vs_before", before.name),) if before else ())):  # fmt: skip
         if any(s.config == name for s in saturation):
             ratios[key] = round(sp.goodput / best_goodput(name).goodput, 3)
+    if any(s.config == unmetered.name for s in saturation):
+        off = best_goodput(unmetered.name).goodput
+        ratios["goodput_metrics_on_vs_off"] = round(sp.goodput / off, 3)
     ratios["dead_lettered_at_saturation"] = max(
         s.dead_lettered for s in saturation if s.config == project.name
     )
