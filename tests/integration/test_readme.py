@@ -239,10 +239,35 @@ def test_dead_letter_operations(shell, nats_server, tmp_path):
     assert shell.stop()["orchestrator up"] == 0
 
 
+def test_observing_the_mesh(shell, nats_server):
+    shell.env["ORCH_NATS_URL"] = nats_server.url
+    port = str(free_port())
+    export, otel, up, ask, ready, scrape = (
+        command.replace("9464", port) for command in block_with("export ORCH_HTTP__PORT=9464")
+    )
+    for command in (export, otel, up):
+        shell.do(command)
+    asked = shell.until(ask, lambda done: done.returncode == 0)
+    assert asked.returncode == 0, asked.stderr
+    assert "Question: What is NATS?" in asked.stdout  # the echo worker's answer
+    assert '"name": "orchestrator publish"' in asked.stdout  # the console exporter's span
+    readiness = shell.until(ready, lambda done: done.stdout.strip() == "ready")
+    assert readiness.stdout.strip() == "ready"
+    scraped = shell.do(scrape)
+    assert scraped is not None and scraped.returncode == 0, scraped.stderr
+    forwarded = [line for line in scraped.stdout.splitlines() if 'outcome="forwarded"' in line]
+    assert {line.split('stage="')[1].split('"')[0] for line in forwarded} == {
+        "rag", "assemble", "inference", "post", "stream"
+    }  # fmt: skip
+    assert all(line.endswith(" 1.0") for line in forwarded), forwarded
+    assert shell.stop()[up] == 0
+
+
 WALKTHROUGHS = {
     "orchestrator server &": test_separate_deployables,
     "orchestrator up --instances 3": test_scaling_with_affinity,
     "orchestrator validate docs/examples/moderated/pipeline.toml": test_your_own_stages,
     "orchestrator status": test_dead_letter_operations,
+    "export ORCH_HTTP__PORT=9464": test_observing_the_mesh,
 }
 """The blocks run here, by their first command."""
