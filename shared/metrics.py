@@ -14,7 +14,13 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from shared.middleware import Middleware
-from shared.recorders import LATENCY_BUCKETS, RATE_BUCKETS, Recorders, StageMetrics
+from shared.recorders import (
+    INSTANCE_LABEL,
+    LATENCY_BUCKETS,
+    RATE_BUCKETS,
+    Recorders,
+    StageMetrics,
+)
 from shared.telemetry import metrics_on
 
 PREFIX = "orchestrator"
@@ -25,7 +31,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        r, ids = self.registry, ("stage", "instance")
+        # Not "instance": Prometheus sets that label to the scraped target's address.
+        r, ids = self.registry, ("stage", INSTANCE_LABEL)
         self.messages = Counter(f"{PREFIX}_messages", "Messages settled by a stage, by how they "
                                 "left it", [*ids, "outcome"], registry=r)  # fmt: skip
         self.dead_letters = Counter(f"{PREFIX}_dead_letters", "Messages dead-lettered, by "
@@ -60,6 +67,9 @@ class Metrics:
                                  registry=r)  # fmt: skip
         self.partitions = Gauge(f"{PREFIX}_partitions_owned", "Partitions of its channel this "
                                 "instance consumes", ids, registry=r)  # fmt: skip
+        self.channel = Gauge(f"{PREFIX}_channel_messages", "Messages in a partition of the "
+                             "stage's channel (waiting or un-acked), from the instance that "
+                             "owns it", ["stage", "partition"], registry=r)  # fmt: skip
 
     def for_stage(self, stage: str, instance: str, *, last: bool) -> list[Middleware]:
         """The middleware that records one stage instance's calls (`last`: it stores results):
@@ -87,7 +97,7 @@ class Metrics:
         for family in self.registry.collect():
             for sample in family.samples:
                 labels = sample.labels
-                if labels.get("stage") != stage or labels.get("instance") != instance:
+                if labels.get("stage") != stage or labels.get(INSTANCE_LABEL) != instance:
                     continue
                 name = sample.name.removeprefix(f"{PREFIX}_")
                 if name == "messages_total":

@@ -3,20 +3,20 @@
 Used when an SDK meter provider is installed (shared.telemetry, from `OTEL_METRICS_EXPORTER`
 or an OTLP endpoint). The instruments are the Prometheus ones under OpenTelemetry names that
 map back to the same Prometheus names (`orchestrator.handler.duration` in seconds is
-`orchestrator_handler_duration_seconds`), with the same `stage` and `instance` attributes.
+`orchestrator_handler_duration_seconds`), with the same `stage` and `stage_instance` attributes.
 """
 
 from functools import partial
 
 from opentelemetry import metrics
 
-from shared.recorders import LATENCY_BUCKETS, RATE_BUCKETS, Recorders
+from shared.recorders import INSTANCE_LABEL, LATENCY_BUCKETS, RATE_BUCKETS, Recorders
 
 
 def otel_recorders(stage: str, instance: str, last: bool) -> Recorders:
     """Recorders writing to OpenTelemetry instruments of the installed meter provider."""
     meter = metrics.get_meter("prompt-orchestrator")
-    ids = {"stage": stage, "instance": instance}
+    ids = {"stage": stage, INSTANCE_LABEL: instance}
     messages = meter.create_counter("orchestrator.messages", "{message}",
                                     "Messages settled by a stage, by how they left it")  # fmt: skip
     dead = meter.create_counter("orchestrator.dead_letters", "{message}",

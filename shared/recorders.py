@@ -10,6 +10,8 @@ from shared.deadletter import REPLAY_OF
 from shared.envelope import Envelope, Result
 from shared.middleware import Call, CallNext, Middleware, Outcome, Output, waited_since
 
+INSTANCE_LABEL = "stage_instance"
+"""The label naming the stage instance (its consumer, `<stage>-<name>`)."""
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                    0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)  # fmt: skip
 """Seconds: from a handler's tenth of a millisecond to a slow model's minutes."""

@@ -37,6 +37,7 @@ class Probes:
         """The stages, once they are started."""
         self.connected: Callable[[], bool] = lambda: False
         """Whether the connection to NATS is up."""
+        self._partitions: set[tuple[str, str]] = set()  # (stage, partition) reported
 
     def alive(self) -> bool:
         """The process runs and, once stages run, their loops keep turning."""
@@ -51,6 +52,7 @@ class Probes:
         if self.group is None:
             return
         m = self.metrics
+        reported: set[tuple[str, str]] = set()
         for rt in self.group.runtimes:
             ids = (rt.name, rt.instance)
             affinity = rt.affinity
@@ -67,6 +69,15 @@ class Probes:
             if view is not None:
                 m.pending.labels(*ids).set(view.state.pending)
                 m.ack_pending.labels(*ids).set(view.state.ack_pending)
+            with contextlib.suppress(BusError, TimeoutError):
+                counts = await asyncio.wait_for(rt.partition_counts(), SCRAPE_TIMEOUT)
+                for partition, count in counts.items():
+                    m.channel.labels(rt.name, str(partition)).set(count)
+                    reported.add((rt.name, str(partition)))
+        for gone in self._partitions - reported:  # moved to another instance: it reports them
+            with contextlib.suppress(KeyError):
+                m.channel.remove(*gone)
+        self._partitions = reported
 
 
 async def serve_http(probes: Probes, host: str, port: int) -> asyncio.Server:

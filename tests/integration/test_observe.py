@@ -90,6 +90,11 @@ async def test_each_stage_process_counts_what_it_handled_on_metrics(nats_server,
             waits = value(found, "orchestrator_queue_wait_seconds_count", stage=stage)
             assert waits == called, (stage, waits)
             assert value(found, "orchestrator_partitions_owned", stage=stage) == 8
+            channel = "orchestrator_channel_messages"
+            partitions = {dict(ls)["partition"] for n, ls in found
+                          if n == channel and ("stage", stage) in ls}  # fmt: skip
+            assert partitions == {str(p) for p in range(8)}, (stage, partitions)
+            assert value(found, "orchestrator_channel_messages", stage=stage) == 0  # all done
             assert value(found, "orchestrator_in_flight", stage=stage) == 0
         inference = scraped["inference"]
         assert value(inference, "orchestrator_dead_letters_total", reason="failed") == 1
@@ -196,6 +201,7 @@ async def test_up_gives_each_stage_process_its_own_port(nats_server, tmp_path):
             assert status == 200
             stages = {ls["stage"] for (name, ls) in ((n, dict(ls)) for n, ls in samples(text))
                       if name == "orchestrator_partitions_owned"}  # fmt: skip
+            assert "instance=" not in text.replace("stage_instance=", "")
             assert stages == {stage}, (base + i, stages)
     finally:
         up.send_signal(signal.SIGINT)
