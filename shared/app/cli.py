@@ -188,12 +188,29 @@ def _parser() -> argparse.ArgumentParser:
     health = command(
         sub,
         "health",
-        "exit 0 if a stage process reported itself healthy",
-        "Exit 0 if a stage process touched its health file (health_file / ORCH_HEALTH_FILE) "
-        "within --max-age seconds, which it does while its loops are turning; else say so "
-        "and exit 1. Meant for container health checks.",
+        "exit 0 if a stage process is healthy (or, with --ready, ready)",
+        "Meant for container health checks. With [http] port set (ORCH_HTTP__PORT), GET "
+        "/healthz of the stage process's endpoint on this host (/readyz with --ready) and exit "
+        "0 if it answers 200; else print why in one line and exit 1. Without a port, exit 0 "
+        "if the process touched its health file (health_file / ORCH_HEALTH_FILE) within "
+        "--max-age seconds, which it does while its loops are turning; else say so and exit 1.",
     )
-    health.add_argument("--file", type=Path, help="the stage's health_file (default: from config)")
+    health.add_argument(
+        "--ready",
+        action="store_true",
+        help="ask /readyz: connected and consuming, not starting or draining (HTTP only)",
+    )
+    health.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=3.0,
+        help="seconds the HTTP endpoint has to answer (default 3)",
+    )
+    health.add_argument(
+        "--file",
+        type=Path,
+        help="check this health file, not the HTTP endpoint (default: from config)",
+    )
     health.add_argument(
         "--max-age", type=non_negative_float, default=15.0, help="seconds (default 15)"
     )

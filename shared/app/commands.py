@@ -3,6 +3,7 @@ health. Each takes the parsed arguments and the loaded settings and returns an e
 
 import argparse
 import asyncio
+import http.client
 import importlib.util
 import os
 import sys
@@ -255,11 +256,55 @@ async def result(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def health(args: argparse.Namespace, settings: Settings) -> int:
-    """`orchestrator health`."""
+    """`orchestrator health`: over HTTP when the process serves it ([http] port), else by its
+    health file."""
+    port = settings.http.port
+    if args.file is None and port:
+        path = "/readyz" if args.ready else "/healthz"
+        host = probe_host(settings.http.host)
+        failure = await asyncio.to_thread(probe_http, host, port, path, args.timeout)
+        if failure is None:
+            return 0
+        print(f"{'not ready' if args.ready else 'unhealthy'}: {failure}", file=sys.stderr)
+        return 1
+    if args.ready:
+        raise ConfigError("--ready asks the HTTP endpoint: set [http] port / ORCH_HTTP__PORT")
     path = args.file or settings.health_file
     if path is None:
-        raise ConfigError("no health file: pass --file or set health_file / ORCH_HEALTH_FILE")
+        raise ConfigError(
+            "nothing to check: set [http] port / ORCH_HTTP__PORT, or pass --file or set "
+            "health_file / ORCH_HEALTH_FILE"
+        )
     if check_health(path, args.max_age):
         return 0
     print(f"unhealthy: {path} missing or older than {args.max_age:g}s", file=sys.stderr)
     return 1
+
+
+WILDCARDS = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
+"""Listening on every address: probe the loopback one of the same family."""
+
+
+def probe_host(listen: str) -> str:
+    """Where this host reaches a process listening on `listen` ([http] host)."""
+    return WILDCARDS.get(listen, listen)
+
+
+def probe_http(host: str, port: int, path: str, timeout: float) -> str | None:
+    """GET http://host:port/path: None when it answers 200, else why not (one line)."""
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}{path}"
+    connection = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        body = response.read(200).decode("utf-8", "replace")
+    except TimeoutError:
+        return f"{url} did not answer within {timeout:g}s"
+    except (OSError, http.client.HTTPException) as exc:
+        return f"{url}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"
+    finally:
+        connection.close()
+    if response.status == 200:
+        return None
+    said = " ".join(body.split())
+    return f"{url} answered {response.status}{f': {said}' if said else ''}"

@@ -52,6 +52,8 @@ NOT_RUN_HERE = {
     "make demo": "installation: `make test` is what .ci/run runs on a fresh clone",
     "python3 -m venv .venv && . .venv/bin/activate": "installation, as `make` does it",
     "docker compose up --build": "needs a Docker engine; test_deploy checks the compose file",
+    "docker compose --profile observe up --build": "needs a Docker engine; test_deploy "
+    "validates the profile and test_dashboard the dashboard",
 }
 """Blocks this test does not run, by their first command, and why."""
 
