@@ -149,13 +149,21 @@ def verdict(status: Status) -> tuple[str, list[str]]:
     return f"NOT balanced: {a.surplus} more than accepted", lines
 
 
+def counts_line(status: Status) -> str:
+    """accepted = completed + dead-lettered + in flight, and whether that holds, on one line."""
+    a = status.accounts
+    return (
+        f"accepted {a.accepted} = completed {a.completed} + dead-lettered {a.dead_lettered}"
+        f" + in flight {a.in_flight}   [{verdict(status)[0]}]"
+    )
+
+
 def format_status(status: Status) -> str:
     """A plain-text rendering for terminals."""
     a = status.accounts
-    verdict_text, why = verdict(status)
+    _, why = verdict(status)
     lines = [
-        f"accepted {a.accepted} = completed {a.completed} + dead-lettered {a.dead_lettered}"
-        f" + in flight {a.in_flight}   [{verdict_text}]",
+        counts_line(status),
         *(f"  ({line})" for line in why),
         f"dead-letter stream: {a.dead_letters_now} entries now, {a.replayed} replayed, "
         f"{a.purged} purged",

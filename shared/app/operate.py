@@ -1,9 +1,12 @@
-"""The operator's commands: `orchestrator status` and `orchestrator dlq ...`."""
+"""The operator's commands: `orchestrator status [--watch]` and `orchestrator dlq ...`."""
 
 import argparse
 import asyncio
+import signal
 import sys
+from collections.abc import Callable
 from datetime import datetime
+from typing import TextIO
 
 import orjson
 
@@ -16,6 +19,7 @@ from shared.app.args import (
     session_id,
 )
 from shared.app.commands import url_of
+from shared.app.discovery import SERVICE
 from shared.deadletter import Entry
 from shared.dlq import DeadLetterQueue, EntryFilter
 from shared.errors import ConfigError, NoSuchStream
@@ -25,6 +29,29 @@ from shared.status import format_status, read_status
 from shared.topology import DLQ, Topology
 from shared.transport.api import MessageBus
 from shared.transport.connection import Bus
+from shared.watch import GIVE_UP, Frame, render, watch
+
+WATCH_INTERVAL = 2.0
+"""Seconds between refreshes of `status --watch` by default."""
+WATCH_HELP = """\
+status --watch: one row per stage instance, grouped by stage, from what each instance
+reports over NATS (micro service `orchestrator-stage`) and from JetStream:
+  partitions    how many partitions of its channel it owns [which]
+  queued        messages waiting in its consumer (its partitions)
+  ack-pending   messages delivered to it and not yet acknowledged
+  fwd/s, dead/s, retry/s
+                messages forwarded, dead-lettered and retried per second
+  handler-p50, handler-p99
+                time in the stage's handler, 50th and 99th percentile (ms)
+  wait-p99      queue wait: from the previous stage's end to this stage (ms, 99th)
+  e2e-p50, e2e-p99
+                end to end, request creation to result, at the last stage (ms)
+Rates and percentiles are over the last interval (none on the first refresh); "-" where
+nothing happened or the instance has metrics off. Then dead letters by reason (totals the
+running instances counted) and the accounting identity. On a terminal the table is
+redrawn in place; otherwise each refresh is printed after a blank line. With --json, one
+JSON object per refresh and line, with the same figures.
+"""
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -34,12 +61,30 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     status = sub.add_parser(
         "status",
         parents=common,
-        help="accounting identity and per-stage queues",
+        help="accounting identity and per-stage queues (--watch: live, per instance)",
         description="Show accepted = completed + dead-lettered + in flight for the whole "
         "pipeline, then per stage: queue depth, ack-pending, redeliveries, dead letters by "
-        "reason, and the instances with the partitions each owns. Read from the server.",
+        "reason, and the instances with the partitions each owns. Read from the server. "
+        "With --watch, a table of every stage instance refreshed until Ctrl-C.",
+        epilog=WATCH_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "--json",
+        action="store_true",
+        help="machine-readable output (with --watch: one JSON object per refresh and line)",
+    )
+    status.add_argument(
+        "--watch",
+        action="store_true",
+        help="refresh a table of every stage instance every --interval seconds, until Ctrl-C",
+    )
+    status.add_argument(
+        "--interval",
+        type=positive_float,
+        metavar="SECONDS",
+        help=f"seconds between refreshes with --watch (default {WATCH_INTERVAL:g})",
+    )
 
     dlq = sub.add_parser(
         "dlq",
@@ -173,6 +218,8 @@ class _Bar:
 
 async def with_bus(args: argparse.Namespace, settings: Settings) -> int:
     """Connect, run `status` or `dlq ...`, disconnect."""
+    if args.command == "status" and args.interval is not None and not args.watch:
+        raise ConfigError("status --interval needs --watch")
     bus = await Bus.connect(url_of(settings), name=f"orchestrator-{args.command}", wait=5.0)
     try:
         if args.command == "status":
@@ -188,13 +235,65 @@ async def with_bus(args: argparse.Namespace, settings: Settings) -> int:
         await bus.close()
 
 
-async def run_status(args: argparse.Namespace, topology: Topology, bus: MessageBus) -> int:
-    """`orchestrator status`."""
+async def run_status(args: argparse.Namespace, topology: Topology, bus: Bus) -> int:
+    """`orchestrator status`, or with --watch `run_watch`."""
+    if args.watch:
+        return await run_watch(args, topology, bus)
     status = await read_status(bus, topology)
     if args.json:
         print(orjson.dumps(status.to_dict(), option=orjson.OPT_INDENT_2).decode())
     else:
         print(format_status(status))
+    return 0
+
+
+CLEAR = "\x1b[H\x1b[2J"
+"""ANSI: cursor home, clear the screen."""
+
+
+def _show(as_json: bool, out: TextIO) -> Callable[[Frame], None]:
+    """How `status --watch` writes each frame to `out`."""
+    first = True
+
+    def show(frame: Frame) -> None:
+        nonlocal first
+        if as_json:
+            out.write(orjson.dumps(frame.to_dict()).decode() + "\n")
+        elif out.isatty():
+            out.write(CLEAR + render(frame) + "\n")
+        else:
+            out.write(("" if first else "\n") + render(frame) + "\n")
+        first = False
+        out.flush()
+
+    return show
+
+
+def _trouble(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+async def run_watch(args: argparse.Namespace, topology: Topology, bus: Bus) -> int:
+    """`orchestrator status --watch`: refresh until Ctrl-C, then exit 0."""
+    interval = WATCH_INTERVAL if args.interval is None else args.interval
+    task = asyncio.create_task(
+        watch(bus, topology, SERVICE, interval, _show(args.json, sys.stdout), _trouble)
+    )
+    interrupted = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # Ctrl-C is how a watch ends, not an error: stop the task rather than have asyncio.run
+    # turn the signal into KeyboardInterrupt (exit 130).
+    loop.add_signal_handler(signal.SIGINT, interrupted.set)
+    stopper = asyncio.create_task(interrupted.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        for t in (task, stopper):
+            t.cancel()
+        await asyncio.wait({task, stopper}, timeout=GIVE_UP)
+    if task.done() and not task.cancelled() and (exc := task.exception()) is not None:
+        raise exc
     return 0
 
 
