@@ -1,9 +1,9 @@
 """Metrics of a stage process, recorded through the middleware seam, exposed for Prometheus.
 
-`Metrics` holds one process's instruments (a prometheus_client registry of its own); each stage
-instance records through a `StageMetrics` middleware whose label values are bound once, so a
-message costs a few counter and histogram updates. The consumer's state (messages waiting,
-un-acked, partitions owned) is read from JetStream when the endpoint is scraped
+`Metrics` holds one process's instruments (shared.instruments, in a registry of its own);
+each stage instance records through a `StageMetrics` middleware whose label values are bound
+once, so a message costs a few counter and histogram updates. The consumer's state (messages
+waiting, un-acked, partitions owned) is read from JetStream when the endpoint is scraped
 (shared.app.http), not per message.
 
 Names follow Prometheus conventions (base units, `_total` counters); README lists them.
@@ -11,8 +11,9 @@ Names follow Prometheus conventions (base units, `_total` counters); README list
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 
+from shared.instruments import Buckets, Collector, Family, Kind, Value
 from shared.middleware import Middleware
 from shared.recorders import (
     INSTANCE_LABEL,
@@ -30,46 +31,47 @@ class Metrics:
     """The instruments of one process: every stage instance in it records here."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
         # Not "instance": Prometheus sets that label to the scraped target's address.
-        r, ids = self.registry, ("stage", INSTANCE_LABEL)
-        self.messages = Counter(f"{PREFIX}_messages", "Messages settled by a stage, by how they "
-                                "left it", [*ids, "outcome"], registry=r)  # fmt: skip
-        self.dead_letters = Counter(f"{PREFIX}_dead_letters", "Messages dead-lettered, by "
-                                    "reason", [*ids, "reason"], registry=r)  # fmt: skip
-        self.redeliveries = Counter(f"{PREFIX}_redeliveries", "Handler calls on a message "
-                                    "delivered before", ids, registry=r)  # fmt: skip
-        self.handler = Histogram(f"{PREFIX}_handler_duration_seconds", "Time in the stage's "
-                                 "handler per call", ids, buckets=LATENCY_BUCKETS,
-                                 registry=r)  # fmt: skip
-        self.queue_wait = Histogram(f"{PREFIX}_queue_wait_seconds", "From the moment the "
-                                    "previous stage finished (or the client created the "
-                                    "request) until this stage received it", ids,
-                                    buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.request = Histogram(f"{PREFIX}_request_duration_seconds", "End to end, from the "
-                                 "request's creation to its result, at the last stage", ids,
-                                 buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.in_flight = Gauge(f"{PREFIX}_in_flight", "Handler calls under way", ids,
-                               registry=r)  # fmt: skip
-        self.first_token = Histogram(f"{PREFIX}_model_time_to_first_token_seconds", "From the "
-                                     "model call to its first token", [*ids, "model"],
-                                     buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.token_rate = Histogram(f"{PREFIX}_model_tokens_per_second", "Completion tokens "
-                                    "per second after the first", [*ids, "model"],
-                                    buckets=RATE_BUCKETS, registry=r)  # fmt: skip
-        self.tokens = Counter(f"{PREFIX}_model_tokens", "Tokens a model read (input) and wrote "
-                              "(output)", [*ids, "model", "direction"], registry=r)  # fmt: skip
-        self.pending = Gauge(f"{PREFIX}_consumer_pending_messages", "Messages waiting in the "
-                             "stage's channel for this instance (its partitions)", ids,
-                             registry=r)  # fmt: skip
-        self.ack_pending = Gauge(f"{PREFIX}_consumer_ack_pending_messages", "Messages "
-                                 "delivered to this instance and not yet acknowledged", ids,
-                                 registry=r)  # fmt: skip
-        self.partitions = Gauge(f"{PREFIX}_partitions_owned", "Partitions of its channel this "
-                                "instance consumes", ids, registry=r)  # fmt: skip
-        self.channel = Gauge(f"{PREFIX}_channel_messages", "Messages in a partition of the "
-                             "stage's channel (waiting or un-acked), from the instance that "
-                             "owns it", ["stage", "partition"], registry=r)  # fmt: skip
+        ids = ("stage", INSTANCE_LABEL)
+
+        def family(name: str, doc: str, kind: Kind, labels: tuple[str, ...] = ids,
+                   bounds: tuple[float, ...] = LATENCY_BUCKETS) -> Family:  # fmt: skip
+            return Family(f"{PREFIX}_{name}", doc, kind, labels,
+                          bounds if kind == "histogram" else ())  # fmt: skip
+
+        self.messages = family("messages", "Messages settled by a stage, by how they left it",
+                               "counter", (*ids, "outcome"))  # fmt: skip
+        self.dead_letters = family("dead_letters", "Messages dead-lettered, by reason",
+                                   "counter", (*ids, "reason"))  # fmt: skip
+        self.redeliveries = family("redeliveries", "Handler calls on a message delivered "
+                                   "before", "counter")  # fmt: skip
+        self.handler = family("handler_duration_seconds", "Time in the stage's handler per "
+                              "call", "histogram")  # fmt: skip
+        self.queue_wait = family("queue_wait_seconds", "From the moment the previous stage "
+                                 "finished (or the client created the request) until this "
+                                 "stage received it", "histogram")  # fmt: skip
+        self.request = family("request_duration_seconds", "End to end, from the request's "
+                              "creation to its result, at the last stage", "histogram")  # fmt: skip
+        self.in_flight = family("in_flight", "Handler calls under way", "gauge")
+        self.first_token = family("model_time_to_first_token_seconds", "From the model call "
+                                  "to its first token", "histogram", (*ids, "model"))  # fmt: skip
+        self.token_rate = family("model_tokens_per_second", "Completion tokens per second "
+                                 "after the first", "histogram", (*ids, "model"),
+                                 RATE_BUCKETS)  # fmt: skip
+        self.tokens = family("model_tokens", "Tokens a model read (input) and wrote (output)",
+                             "counter", (*ids, "model", "direction"))  # fmt: skip
+        self.pending = family("consumer_pending_messages", "Messages waiting in the stage's "
+                              "channel for this instance (its partitions)", "gauge")  # fmt: skip
+        self.ack_pending = family("consumer_ack_pending_messages", "Messages delivered to "
+                                  "this instance and not yet acknowledged", "gauge")  # fmt: skip
+        self.partitions = family("partitions_owned", "Partitions of its channel this instance "
+                                 "consumes", "gauge")  # fmt: skip
+        self.channel = family("channel_messages", "Messages in a partition of the stage's "
+                              "channel (waiting or un-acked), from the instance that owns it",
+                              "gauge", ("stage", "partition"))  # fmt: skip
+        self.families = [f for f in vars(self).values() if isinstance(f, Family)]
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(Collector(self.families))  # type: ignore[arg-type]
 
     def for_stage(self, stage: str, instance: str, *, last: bool) -> list[Middleware]:
         """The middleware that records one stage instance's calls (`last`: it stores results):
@@ -90,38 +92,31 @@ class Metrics:
         outcome and by dead-letter reason, redeliveries, calls in flight, and for each
         latency its count, sum and cumulative buckets (`[[upper_bound, count], ...]`, the
         last bound "+Inf"), from which a reader takes percentiles over any interval."""
-        messages: dict[str, float] = {}
-        reasons: dict[str, float] = {}
-        histograms: dict[str, dict[str, Any]] = {}
-        scalars: dict[str, float] = {}
-        for family in self.registry.collect():
-            for sample in family.samples:
-                labels = sample.labels
-                if labels.get("stage") != stage or labels.get(INSTANCE_LABEL) != instance:
-                    continue
-                name = sample.name.removeprefix(f"{PREFIX}_")
-                if name == "messages_total":
-                    messages[labels["outcome"]] = sample.value
-                elif name == "dead_letters_total":
-                    reasons[labels["reason"]] = sample.value
-                elif name in ("redeliveries_total", "in_flight"):
-                    scalars[name.removesuffix("_total")] = sample.value
-                elif family.type == "histogram" and "model" not in labels:
-                    _histogram_sample(histograms, family.name.removeprefix(f"{PREFIX}_"),
-                                      sample.name, labels, sample.value)  # fmt: skip
-        return {"messages": messages, "dead_letters": reasons, **scalars, **histograms}
+        ids = (stage, instance)
 
+        def by(family: Family) -> dict[str, float]:
+            return {key[-1]: child.value for key, child in family.children.items()
+                    if key[:2] == ids and isinstance(child, Value)}  # fmt: skip
 
-def _histogram_sample(into: dict[str, dict[str, Any]], name: str, sample: str,
-                      labels: dict[str, str], value: float) -> None:  # fmt: skip
-    entry = into.setdefault(name, {"count": 0.0, "sum": 0.0, "buckets": []})
-    if sample.endswith("_bucket"):
-        bound = labels["le"]
-        entry["buckets"].append([bound if bound == "+Inf" else float(bound), value])
-    elif sample.endswith("_count"):
-        entry["count"] = value
-    elif sample.endswith("_sum"):
-        entry["sum"] = value
+        def value(family: Family) -> float:
+            child = family.children.get(ids)
+            return child.value if isinstance(child, Value) else 0.0
+
+        report: dict[str, Any] = {
+            "messages": by(self.messages),
+            "dead_letters": by(self.dead_letters),
+            "redeliveries": value(self.redeliveries),
+            "in_flight": value(self.in_flight),
+        }
+        for family in (self.handler, self.queue_wait, self.request):
+            child = family.children.get(ids)
+            if isinstance(child, Buckets):
+                report[family.name.removeprefix(f"{PREFIX}_")] = {
+                    "count": child.count,
+                    "sum": child.sum,
+                    "buckets": [list(b) for b in child.cumulative()],
+                }
+        return report
 
 
 def quantile(buckets: list[list[Any]], q: float) -> float | None:
@@ -144,21 +139,21 @@ def quantile(buckets: list[list[Any]], q: float) -> float | None:
 
 
 def prometheus_recorders(m: Metrics, stage: str, instance: str, last: bool) -> Recorders:
-    """Recorders writing to `m`'s Prometheus instruments."""
+    """Recorders writing to `m`'s instruments, exposed for Prometheus."""
     ids = (stage, instance)
-    in_flight = m.in_flight.labels(*ids)
+    in_flight = m.in_flight.value(*ids)
     return Recorders(
-        forwarded=m.messages.labels(*ids, "forwarded").inc,
-        retried=m.messages.labels(*ids, "retried").inc,
-        dead_lettered=m.messages.labels(*ids, "dead_lettered").inc,
-        dead_letter=lambda reason: m.dead_letters.labels(*ids, reason).inc(),
-        redelivered=m.redeliveries.labels(*ids).inc,
+        forwarded=m.messages.value(*ids, "forwarded").inc,
+        retried=m.messages.value(*ids, "retried").inc,
+        dead_lettered=m.messages.value(*ids, "dead_lettered").inc,
+        dead_letter=lambda reason: m.dead_letters.value(*ids, reason).inc(),
+        redelivered=m.redeliveries.value(*ids).inc,
         enter=in_flight.inc,
         leave=in_flight.dec,
-        handler=m.handler.labels(*ids).observe,
-        queue_wait=m.queue_wait.labels(*ids).observe,
-        request=m.request.labels(*ids).observe if last else None,
-        tokens=lambda model, direction, n: m.tokens.labels(*ids, model, direction).inc(n),
-        first_token=lambda model, s: m.first_token.labels(*ids, model).observe(s),
-        token_rate=lambda model, r: m.token_rate.labels(*ids, model).observe(r),
+        handler=m.handler.histogram(*ids).observe,
+        queue_wait=m.queue_wait.histogram(*ids).observe,
+        request=m.request.histogram(*ids).observe if last else None,
+        tokens=lambda model, direction, n: m.tokens.value(*ids, model, direction).inc(n),
+        first_token=lambda model, s: m.first_token.histogram(*ids, model).observe(s),
+        token_rate=lambda model, r: m.token_rate.histogram(*ids, model).observe(r),
     )

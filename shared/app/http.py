@@ -56,10 +56,10 @@ class Probes:
         for rt in self.group.runtimes:
             ids = (rt.name, rt.instance)
             affinity = rt.affinity
-            m.partitions.labels(*ids).set(len(affinity.owned) if affinity else 0)
+            m.partitions.value(*ids).set(len(affinity.owned) if affinity else 0)
             if affinity is None or not affinity.owned:
-                m.pending.labels(*ids).set(0)
-                m.ack_pending.labels(*ids).set(0)
+                m.pending.value(*ids).set(0)
+                m.ack_pending.value(*ids).set(0)
                 continue
             try:
                 view = await asyncio.wait_for(rt.consumer_view(), SCRAPE_TIMEOUT)
@@ -67,12 +67,12 @@ class Probes:
                 log.debug("%s: consumer state not read: %s", rt.instance, exc)
                 continue
             if view is not None:
-                m.pending.labels(*ids).set(view.state.pending)
-                m.ack_pending.labels(*ids).set(view.state.ack_pending)
+                m.pending.value(*ids).set(view.state.pending)
+                m.ack_pending.value(*ids).set(view.state.ack_pending)
             with contextlib.suppress(BusError, TimeoutError):
                 counts = await asyncio.wait_for(rt.partition_counts(), SCRAPE_TIMEOUT)
                 for partition, count in counts.items():
-                    m.channel.labels(rt.name, str(partition)).set(count)
+                    m.channel.value(rt.name, str(partition)).set(count)
                     reported.add((rt.name, str(partition)))
         for gone in self._partitions - reported:  # moved to another instance: it reports them
             with contextlib.suppress(KeyError):

@@ -5,7 +5,6 @@ import re
 from typing import Any
 
 import yaml
-from prometheus_client.metrics import MetricWrapperBase
 
 from shared.app.compose import STAGE_PORT
 from shared.metrics import Metrics
@@ -23,12 +22,11 @@ def exposed() -> dict[str, set[str]]:
     """Every series name a Metrics() registry exposes, with the labels it carries."""
     metrics = Metrics()
     types = {family.name: family.type for family in metrics.registry.collect()}
-    instruments = [i for i in vars(metrics).values() if isinstance(i, MetricWrapperBase)]
-    assert {i._name for i in instruments} == set(types)  # every family registered is seen
+    assert {f.name for f in metrics.families} == set(types)  # every family registered is seen
     found: dict[str, set[str]] = {}
-    for instrument in instruments:
-        # prometheus_client keeps the declared label names on the instrument only.
-        name, labels = instrument._name, set(instrument._labelnames)
+    for family in metrics.families:
+        # The declared label names: an exposition shows only those of existing series.
+        name, labels = family.name, set(family.labelnames)
         kind = types[name]
         if kind == "counter":
             found[f"{name}_total"] = labels
