@@ -256,3 +256,31 @@ async def test_the_client_starts_the_trace_and_replay_keeps_it(nats_server, tmp_
     finally:
         for p in procs:
             p.stop()
+
+
+async def test_sampling_follows_the_standard_variables(nats_server, tmp_path, collector):
+    env = stage_env(nats_server.url, **otel_env(collector), OTEL_TRACES_SAMPLER="always_off")
+    procs = [StageProcess(s, env, tmp_path) for s in STAGE_NAMES]
+    try:
+        settings = settings_for(env)
+        topology = Topology(settings)
+        await wait_until_consuming(nats_server.url, settings)
+        async with await Client.connect(settings, nats_server.url) as client:
+            rid = await client.publish("sampled out?", "unsampled")
+            await client.result(rid, timeout=60)
+            subject = topology.result_subject(rid)
+            stored = await client.bus.admin.last_message(topology.stream_name("results"), subject)
+        # The trace exists (its context travels, marked not sampled) but nothing records it.
+        assert stored is not None
+        flags = int(stored.headers["traceparent"].rsplit("-", 1)[1], 16)
+        assert flags & 1 == 0  # the W3C "sampled" flag
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while "orchestrator.messages" not in collector.metrics:  # the exporters are running
+            assert loop.time() < deadline, collector.metrics
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)  # longer than the span processor's delay
+        assert collector.spans == []
+    finally:
+        for p in procs:
+            p.stop()
