@@ -31,6 +31,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from shared.components import Context, Factory, declare
+from shared.deadletter import REPLAY_OF
 from shared.envelope import Envelope, Result
 
 Output = Envelope | Result
@@ -128,8 +129,11 @@ def observers(chain: Sequence[Middleware]) -> list[Middleware]:
     return [mw for mw in chain if type(mw).settled is not Middleware.settled]
 
 
-def waited_since(call: Call) -> float:
+def waited_since(call: Call) -> float | None:
     """Unix time the call's message started waiting for this stage: when the stage before
-    finished with it, or, at the first stage, when the request was created."""
+    finished with it, or, at the first stage, when the request was created. None for a
+    replay: it spent the time since in the dead-letter stream, not waiting for this stage."""
+    if REPLAY_OF in call.headers:
+        return None
     request = call.request
     return request.hops[-1].done if request.hops else request.created_at

@@ -6,7 +6,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from shared.deadletter import REPLAY_OF
 from shared.envelope import Envelope, Result
 from shared.middleware import Call, CallNext, Middleware, Outcome, Output, waited_since
 
@@ -52,8 +51,9 @@ class StageMetrics(Middleware):
     async def handle(self, call: Call, call_next: CallNext) -> Output:
         """Time the call; count redeliveries; note what a model reported."""
         r, request = self._r, call.request
-        if REPLAY_OF not in call.headers:  # a replay's wait was spent dead-lettered
-            r.queue_wait(max(0.0, call.received - waited_since(call)))
+        since = waited_since(call)
+        if since is not None:
+            r.queue_wait(max(0.0, call.received - since))
         if call.attempt > 1:
             r.redelivered()
         r.enter()

@@ -16,7 +16,7 @@ from collections.abc import Awaitable
 
 from opentelemetry import propagate, trace
 
-from shared.deadletter import REPLAY_OF, TRACEPARENT
+from shared.deadletter import TRACEPARENT
 from shared.middleware import Call, CallNext, Middleware, Output, waited_since
 from shared.telemetry import tracing_on
 
@@ -39,7 +39,8 @@ class Tracing(Middleware):
         parent = propagate.extract(call.headers)  # empty: this span starts a new trace
         request = call.request
         received = int(call.received * 1e9)
-        since = received if REPLAY_OF in call.headers else int(waited_since(call) * 1e9)
+        waited = waited_since(call)
+        since = received if waited is None else int(waited * 1e9)
         with _tracer.start_as_current_span(
             call.stage,
             context=parent,
