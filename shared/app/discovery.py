@@ -16,7 +16,6 @@ from shared import __version__
 from shared.metrics import Metrics
 from shared.runtime.group import StageGroup
 from shared.runtime.loop import StageRuntime
-from shared.topology import Topology
 from shared.transport.connection import Bus
 from shared.transport.service import Endpoint, Reply
 
@@ -34,10 +33,10 @@ def status_of(rt: StageRuntime, metrics: Metrics | None) -> dict[str, Any]:
     return report
 
 
-async def announce(
-    bus: Bus, group: StageGroup, topology: Topology, metrics: Metrics | None
-) -> list[Endpoint]:
-    """Start a micro service for every stage instance in `group`; stop them when done."""
+async def announce(bus: Bus, group: StageGroup) -> list[Endpoint]:
+    """Start a micro service for every stage instance in `group` (reporting what the group's
+    metrics recorded); stop them when done."""
+    metrics, topology = group.metrics, group.topology
     endpoints = []
     for rt in group.runtimes:
 

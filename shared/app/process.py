@@ -80,7 +80,7 @@ async def _serve(settings: Settings, group: StageGroup, topology: Topology, url:
         group.start(bus)
         if probes is not None:
             probes.group = group
-        endpoints = await _announced(bus, group, topology)
+        endpoints = await _announced(bus, group)
         health = asyncio.create_task(_report_health(group, settings.health_file))
         log.info("running %s on %s", ", ".join(rt.instance for rt in group.runtimes), url)
         stopper = asyncio.create_task(stop.wait())
@@ -100,10 +100,10 @@ async def _serve(settings: Settings, group: StageGroup, topology: Topology, url:
     log.info("stopped")
 
 
-async def _announced(bus: Bus, group: StageGroup, topology: Topology) -> list[Endpoint]:
+async def _announced(bus: Bus, group: StageGroup) -> list[Endpoint]:
     # Discovery is for operators: a stage that cannot announce itself still does its work.
     try:
-        return await announce(bus, group, topology, group.metrics)
+        return await announce(bus, group)
     except BusError as exc:
         log.warning("not answering $SRV requests: %s", exc)
         return []
