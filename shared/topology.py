@@ -47,6 +47,10 @@ class Topology:
         """The subject of one partition of `channel`."""
         return f"{self.prefix}.{channel}.{partition}"
 
+    def channel_subjects(self, channel: str) -> str:
+        """The wildcard subject of every partition of `channel`."""
+        return f"{self.prefix}.{channel}.*"
+
     def subject_for(self, channel: str, session_id: str) -> str:
         """The subject a session's message travels on in `channel`."""
         return self.channel_subject(channel, partition_of(session_id, self.partitions))
@@ -112,7 +116,7 @@ class Topology:
         if stage is None:
             raise KeyError(f"no stage reads channel {channel!r}")
         decl = stage.decl
-        subject = f"{self.prefix}.{channel}.*"
+        subject = self.channel_subjects(channel)
         return self._stream(channel, subject, "workqueue", "new", decl.capacity, decl.max_bytes)
 
     def results_stream(self) -> StreamSpec:

@@ -160,11 +160,11 @@ class StageRuntime:
         """Messages in each partition of the channel this instance owns (waiting or un-acked)."""
         if self.affinity is None or not self.affinity.owned:
             return {}
-        subject = self._topology.channel_subject(self.stage.channel, 0).rsplit(".", 1)[0]
-        counts = await self._bus.admin.subject_counts(self._stream, f"{subject}.*")
-        owned = self.affinity.owned
-        found = {int(s.rsplit(".", 1)[1]): n for s, n in counts.items()}
-        return {p: found.get(p, 0) for p in sorted(owned)}
+        topology = self._topology
+        subjects = topology.channel_subjects(self.stage.channel)
+        counts = await self._bus.admin.subject_counts(self._stream, subjects)
+        found = {topology.partition_of_subject(s): n for s, n in counts.items()}
+        return {p: found.get(p, 0) for p in sorted(self.affinity.owned)}
 
     async def run(self) -> None:
         """Set up, consume until `stop` is called, drain what was taken, hand over, tear down."""
