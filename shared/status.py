@@ -10,7 +10,7 @@ import orjson
 from shared.accounting import Accounts, Snapshot, account
 from shared.graph import INTAKE
 from shared.topology import COUNTERS, DLQ, OUTCOMES, RESULTS, Topology
-from shared.transport.api import MessageBus
+from shared.transport.api import ConsumerView, MessageBus
 
 
 @dataclass(frozen=True)
@@ -46,9 +46,22 @@ class Status:
         }
 
 
-async def read_status(bus: MessageBus, topology: Topology) -> Status:
-    """Read every counter the status needs from the server, for every stage of the graph."""
+async def consumer_views(bus: MessageBus, topology: Topology) -> dict[str, list[ConsumerView]]:
+    """Each stage's consumers (one per instance), as the server lists them."""
+    return {
+        stage.name: await bus.admin.consumers(topology.stream_name(stage.channel))
+        for stage in topology.graph
+    }
+
+
+async def read_status(
+    bus: MessageBus, topology: Topology, views: dict[str, list[ConsumerView]] | None = None
+) -> Status:
+    """Read every counter the status needs from the server, for every stage of the graph
+    (`views`: the stages' consumers, when the caller has just read them)."""
     admin = bus.admin
+    if views is None:
+        views = await consumer_views(bus, topology)
     channels = topology.channel_names()
     channel_state = {c: await admin.stream_state(topology.stream_name(c)) for c in channels}
     dlq_name = topology.stream_name(DLQ)
@@ -74,16 +87,16 @@ async def read_status(bus: MessageBus, topology: Topology) -> Status:
     members = await members_by_stage(bus, topology)
     rows = []
     for stage in topology.graph:
-        views = await admin.consumers(topology.stream_name(stage.channel))
+        consumers = views.get(stage.name, [])
         prefix = topology.dlq_subject(stage.name, "")
         reasons = {s[len(prefix) :]: n for s, n in per_subject.items() if s.startswith(prefix)}
         rows.append(
             StageStatus(
                 stage=stage.name,
                 queued=channel_state[stage.channel].messages,
-                ack_pending=sum(v.state.ack_pending for v in views),
-                redelivered=sum(v.state.redelivered for v in views),
-                waiting_pulls=sum(v.state.waiting for v in views),
+                ack_pending=sum(v.state.ack_pending for v in consumers),
+                redelivered=sum(v.state.redelivered for v in consumers),
+                waiting_pulls=sum(v.state.waiting for v in consumers),
                 dead_lettered=reasons,
                 instances=members.get(stage.name, {}),
             )
@@ -105,12 +118,12 @@ async def members_by_stage(bus: MessageBus, topology: Topology) -> dict[str, dic
 async def coverage(bus: MessageBus, topology: Topology) -> dict[str, bool]:
     """Per stage: is every partition held by a consumer with a pull waiting?"""
     out = {}
-    for stage in topology.graph:
+    for stage, views in (await consumer_views(bus, topology)).items():
         held: set[int] = set()
-        for view in await bus.admin.consumers(topology.stream_name(stage.channel)):
+        for view in views:
             if view.state.waiting:
                 held |= {topology.partition_of_subject(s) for s in view.subjects} - {None}
-        out[stage.name] = held == set(range(topology.partitions))
+        out[stage] = held == set(range(topology.partitions))
     return out
 
 

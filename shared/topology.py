@@ -165,6 +165,12 @@ class Topology:
         """The durable consumer of one instance of `stage`."""
         return f"{stage}_{instance}"
 
+    def instance_of_consumer(self, stage: str, consumer: str) -> str | None:
+        """The instance whose consumer of `stage` is `consumer` (`consumer_name` reversed);
+        None for a consumer the pipeline did not name."""
+        instance = consumer.removeprefix(f"{stage}_")
+        return instance if instance != consumer else None
+
     def consumer(self, stage: Stage, instance: str, partitions: Iterable[int]) -> ConsumerSpec:
         """The consumer through which `instance` of `stage` reads the partitions it owns."""
         decl = stage.decl

@@ -19,7 +19,7 @@ import orjson
 
 from shared.errors import BusError
 from shared.metrics import quantile
-from shared.status import StageStatus, Status, counts_line, read_status
+from shared.status import StageStatus, Status, consumer_views, counts_line, read_status
 from shared.topology import Topology
 from shared.transport.api import ConsumerView, MessageBus, StoredMessage
 
@@ -204,9 +204,9 @@ def instances(
             view = consumers.pop(topology.consumer_name(stage.name, report["instance"]), None)
             out.append(_reported(report, view))
         for name, view in sorted(consumers.items()):
-            if name.startswith(f"{stage.name}_"):
+            if (instance := topology.instance_of_consumer(stage.name, name)) is not None:
                 owned = {topology.partition_of_subject(s) for s in view.subjects} - {None}
-                out.append(InstanceSample(stage.name, name.removeprefix(f"{stage.name}_"),
+                out.append(InstanceSample(stage.name, instance,
                                           tuple(sorted(p for p in owned if p is not None)),
                                           False, False, view.state.pending,
                                           view.state.ack_pending, None, {}, {}))  # fmt: skip
@@ -239,11 +239,8 @@ async def collect(bus: StatsBus, topology: Topology, service: str) -> Sample:
     at, now = time.monotonic(), time.time()
     asked = asyncio.create_task(stats_replies(bus, f"$SRV.STATS.{service}"))
     try:
-        status = await read_status(bus, topology)
-        views = {
-            stage.name: await bus.admin.consumers(topology.stream_name(stage.channel))
-            for stage in topology.graph
-        }
+        views = await consumer_views(bus, topology)
+        status = await read_status(bus, topology, views)
         replies = await asked
     finally:
         asked.cancel()
