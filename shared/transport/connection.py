@@ -19,6 +19,7 @@ from shared.transport.publish import Publisher
 from shared.transport.pull import JetStreamPuller, open_puller
 from shared.transport.service import Endpoint, Handler, request_stream, serve
 from shared.transport.subscribe import CoreSubscription, watch
+from shared.transport.wire import Wire
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,8 @@ class Bus:
     def __init__(self, nc: NatsClient, publish_timeout: float) -> None:
         self._nc = nc
         self._js = nc.jetstream(timeout=publish_timeout)
-        self._publisher = Publisher(nc, publish_timeout)
+        self._wire = Wire(nc)
+        self._publisher = Publisher(nc, publish_timeout, self._wire)
         self.admin = JetStreamAdmin(nc.jsm())
         """Declaring and inspecting streams and consumers."""
         self.publish = self._publisher.publish
@@ -145,7 +147,7 @@ class Bus:
 
     async def pull(self, spec: ConsumerSpec, largest: int = 64) -> JetStreamPuller:
         """A continuous pull from the durable consumer of `spec` (see JetStreamPuller)."""
-        return await open_puller(self._nc, spec, largest)
+        return await open_puller(self._nc, spec, largest, self._wire)
 
     async def key_value(self, spec: BucketSpec, *, adjust: bool = True) -> JetStreamKeyValue:
         """Create (or bind to) the bucket of `spec`; with `adjust`, an existing one is brought

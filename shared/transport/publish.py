@@ -21,6 +21,7 @@ from nats.aio.msg import Msg
 from shared.errors import BusError, MessageTooLarge, NoSuchStream, Overloaded, PublishTimeout
 from shared.transport.api import MSG_ID
 from shared.transport.translate import STORE_FAILED
+from shared.transport.wire import Wire
 
 SWEEP_PERIOD = 0.25
 """How often overdue acks are looked for: a publish times out up to this much late."""
@@ -29,8 +30,9 @@ SWEEP_PERIOD = 0.25
 class Publisher:
     """Publishes of one connection, each awaiting the stream's ack."""
 
-    def __init__(self, nc: NatsClient, timeout: float) -> None:
+    def __init__(self, nc: NatsClient, timeout: float, wire: Wire | None = None) -> None:
         self._nc = nc
+        self._wire = wire or Wire(nc)
         self._timeout = timeout
         self._prefix = nc.new_inbox() + "."
         self._count = itertools.count()
@@ -90,7 +92,7 @@ class Publisher:
         acked: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
         self._waiting[token] = (acked, time.monotonic() + self._timeout)
         try:
-            await self._nc.publish(subject, data, reply=self._prefix + token, headers=hdrs)
+            await self._wire.publish(subject, data, self._prefix + token, hdrs)
         except BaseException as exc:  # cancelled too: no ack will be awaited
             self._waiting.pop(token, None)
             if isinstance(exc, nats.errors.Error):

@@ -16,6 +16,7 @@ from nats.aio.msg import Msg
 
 from shared.errors import BusError
 from shared.transport.api import ConsumerSpec
+from shared.transport.wire import Wire
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +31,12 @@ request the server still serves only lets a few more messages in than asked for.
 class JetStreamDelivery:
     """One message handed to a consumer, with the operations that settle it."""
 
-    __slots__ = ("_msg", "data", "delivered", "delivery_seq", "headers", "stream_seq", "subject")
+    __slots__ = ("_msg", "_wire", "data", "delivered", "delivery_seq", "headers", "stream_seq",
+                 "subject")  # fmt: skip
 
-    def __init__(self, msg: Msg) -> None:
+    def __init__(self, msg: Msg, wire: Wire | None = None) -> None:
         self._msg = msg
+        self._wire = wire
         self.data: bytes = msg.data
         self.subject: str = msg.subject
         self.headers: Mapping[str, str] = msg.headers or {}
@@ -55,7 +58,10 @@ class JetStreamDelivery:
 
     async def ack(self) -> None:
         """Settle as done; the work-queue stream deletes the message."""
-        await self._msg.ack()
+        if self._wire is None:
+            await self._msg.ack()
+        else:  # the same message nats-py's ack sends, built for less
+            await self._wire.publish(self._msg.reply, b"")
 
     async def nak(self, delay: float | None = None) -> None:
         """Ask for redelivery, after `delay` seconds when given."""
@@ -80,8 +86,11 @@ class JetStreamPuller:
     last gave, so an instance holds no more un-acked messages than it can work on.
     """
 
-    def __init__(self, nc: NatsClient, next_subject: str, largest: int) -> None:
+    def __init__(
+        self, nc: NatsClient, next_subject: str, largest: int, wire: Wire | None = None
+    ) -> None:
         self._nc = nc
+        self._wire = wire or Wire(nc)
         self._next = next_subject
         self._largest = largest
         # Each request has its own reply subject, so the server's word that one has ended
@@ -177,7 +186,7 @@ class JetStreamPuller:
         headers = msg.headers
         if msg.reply:  # a JetStream delivery: it carries its ack subject
             try:
-                delivery = JetStreamDelivery(msg)
+                delivery = JetStreamDelivery(msg, self._wire)
             except Exception as exc:  # nothing on this inbox may stop the stage
                 log.warning("dropped a message on the pull inbox: %r", exc)
                 return
@@ -261,11 +270,13 @@ class DeliveryGaps:
         return self._gaps[0][2] if self._gaps else None
 
 
-async def open_puller(nc: NatsClient, spec: ConsumerSpec, largest: int) -> JetStreamPuller:
+async def open_puller(
+    nc: NatsClient, spec: ConsumerSpec, largest: int, wire: Wire | None = None
+) -> JetStreamPuller:
     """A continuous pull from the durable consumer of `spec`, asking for at most `largest`
-    messages per pull request."""
+    messages per pull request (acks go out through `wire`)."""
     puller = JetStreamPuller(nc, f"$JS.API.CONSUMER.MSG.NEXT.{spec.stream}.{spec.durable}",
-                             largest)  # fmt: skip
+                             largest, wire)  # fmt: skip
     try:
         await puller.start()
     except nats.errors.Error as exc:
