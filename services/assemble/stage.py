@@ -1,10 +1,14 @@
-"""assemble: format the prompt (`data.prompt`) from the template, the context and the input."""
+"""assemble: format the prompt (`data.prompt`) from the template, the context and the input.
+
+The passages (`data.context`) are in the prompt from here on, so they are not carried on
+unless `keep_context` says a later stage reads them.
+"""
 
 import string
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from shared.data import CONTEXT, PROMPT
+from shared.data import CONTEXT, PROMPT, write_all
 from shared.envelope import Envelope
 from shared.stage import Handler, StageContext, stage
 
@@ -13,10 +17,13 @@ TEMPLATE_FIELDS = frozenset({"context", "input", "session_id", "request_id"})
 
 
 class Options(BaseModel):
-    """`[stages.assemble.options]`: a str.format template over the fields in TEMPLATE_FIELDS."""
+    """`[stages.assemble.options]`: a str.format template over the fields in TEMPLATE_FIELDS,
+    and whether the passages go on past this stage."""
 
     model_config = ConfigDict(extra="forbid")
     template: str = DEFAULT_TEMPLATE
+    keep_context: bool = False
+    """Carry `data.context` on to later stages (a stage of yours that cites the passages)."""
 
     @field_validator("template")
     @classmethod
@@ -48,8 +55,9 @@ def render(template: str, request: Envelope) -> str:
 def assemble(ctx: StageContext[Options]) -> Handler:
     """Bind the configured template."""
     template = ctx.options.template
+    drop = [] if ctx.options.keep_context else [CONTEXT]
 
     async def handle(request: Envelope) -> Envelope:
-        return PROMPT.write(request, render(template, request))
+        return write_all(request, {PROMPT: render(template, request)}, drop=drop)
 
     return handle

@@ -90,7 +90,18 @@ async def test_each_stage_hands_on_by_name_in_data(settings):
     async with handler_of(settings, "post") as post:
         env = await post(env)
     assert OUTPUT.read(env) == completion.strip()
-    assert sorted(env.data) == ["context", "output", "usage"]
+    assert sorted(env.data) == ["output", "usage"]
+
+
+async def test_assemble_carries_the_passages_on_only_when_told(settings):
+    env = CONTEXT.write(request("q"), ["c1", "c2"])
+    async with handler_of(settings, "assemble", template="{context}") as assemble:
+        out = await assemble(env)
+    assert sorted(out.data) == ["prompt"]  # the passages are in the prompt: not carried on
+    assert PROMPT.read(out) == "- c1\n- c2"
+    async with handler_of(settings, "assemble", keep_context=True) as assemble:
+        out = await assemble(env)
+    assert CONTEXT.read(out) == ["c1", "c2"]  # for a later stage of the user's that cites them
 
 
 async def test_rag_with_corpus_file(tmp_path, settings):
