@@ -16,12 +16,14 @@ from typing import Any
 import nats.errors
 import orjson
 from nats.aio.client import Client as NatsClient
-from nats.aio.msg import Msg
 
 from shared.errors import BusError, MessageTooLarge, NoSuchStream, Overloaded, PublishTimeout
 from shared.transport.api import MSG_ID
 from shared.transport.translate import STORE_FAILED
 from shared.transport.wire import Wire
+
+Answer = tuple[bytes, dict[str, str] | None]
+"""A publish's answer from the server: its payload and headers."""
 
 SWEEP_PERIOD = 0.25
 """How often overdue acks are looked for: a publish times out up to this much late."""
@@ -37,13 +39,13 @@ class Publisher:
         self._prefix = nc.new_inbox() + "."
         self._count = itertools.count()
         # Insertion order is deadline order: every publish waits the same timeout.
-        self._waiting: dict[str, tuple[asyncio.Future[Msg], float]] = {}
+        self._waiting: dict[str, tuple[asyncio.Future[Answer], float]] = {}
         self._sub: Any = None
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Subscribe to the acks' inbox and start the sweep."""
-        self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._receive)
+        self._sub = await self._wire.subscribe(self._prefix + "*", self._receive)
         self._sweeper = asyncio.create_task(self._sweep())
 
     async def stop(self) -> None:
@@ -76,7 +78,7 @@ class Publisher:
 
     async def _send(
         self, subject: str, data: bytes, msg_id: str, headers: Mapping[str, str] | None
-    ) -> Msg:
+    ) -> Answer:
         hdrs = {MSG_ID: msg_id}
         if headers:
             hdrs.update(headers)
@@ -89,7 +91,7 @@ class Publisher:
                 f"{self._nc.max_payload}, for {subject}"
             )
         token = str(next(self._count))
-        acked: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        acked: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._waiting[token] = (acked, time.monotonic() + self._timeout)
         try:
             await self._wire.publish(subject, data, self._prefix + token, hdrs)
@@ -103,10 +105,12 @@ class Publisher:
         except PublishTimeout:
             raise PublishTimeout(f"no ack for publish to {subject}") from None
 
-    async def _receive(self, msg: Msg) -> None:
-        entry = self._waiting.pop(msg.subject.removeprefix(self._prefix), None)
+    def _receive(
+        self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None
+    ) -> None:
+        entry = self._waiting.pop(subject.removeprefix(self._prefix), None)
         if entry is not None and not entry[0].done():
-            entry[0].set_result(msg)
+            entry[0].set_result((data, headers))
 
     async def _sweep(self) -> None:
         waiting = self._waiting
@@ -123,15 +127,16 @@ class Publisher:
                     future.set_exception(PublishTimeout("overdue"))
 
 
-def _stored(subject: str, answer: Msg) -> tuple[int, bool]:
+def _stored(subject: str, answer: Answer) -> tuple[int, bool]:
     """The stream sequence from a publish ack and whether it was a duplicate, or the error
     it reports."""
-    if not answer.data and answer.headers and answer.headers.get("Status") == "503":
+    data, headers = answer
+    if not data and headers and headers.get("Status") == "503":
         raise NoSuchStream(  # no responders: no stream listens on the subject
             f"no stream stores {subject!r}: declare the topology (`orchestrator declare`)"
         )
     try:
-        reply = orjson.loads(answer.data)
+        reply = orjson.loads(data)
         error = reply.get("error")
         if error:
             if error.get("err_code") == STORE_FAILED:
@@ -139,4 +144,4 @@ def _stored(subject: str, answer: Msg) -> tuple[int, bool]:
             raise BusError(f"publish to {subject} failed: {error.get('description', error)}")
         return int(reply["seq"]), bool(reply.get("duplicate"))
     except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
-        raise BusError(f"publish to {subject}: unreadable ack {answer.data[:200]!r}") from None
+        raise BusError(f"publish to {subject}: unreadable ack {data[:200]!r}") from None

@@ -31,19 +31,28 @@ request the server still serves only lets a few more messages in than asked for.
 class JetStreamDelivery:
     """One message handed to a consumer, with the operations that settle it."""
 
-    __slots__ = ("_msg", "_wire", "data", "delivered", "delivery_seq", "headers", "stream_seq",
-                 "subject")  # fmt: skip
+    __slots__ = ("_nc", "_reply", "_wire", "data", "delivered", "delivery_seq", "headers",
+                 "stream_seq", "subject")  # fmt: skip
 
-    def __init__(self, msg: Msg, wire: Wire | None = None) -> None:
-        self._msg = msg
+    def __init__(
+        self,
+        nc: NatsClient | None,
+        subject: str,
+        reply: str,
+        data: bytes,
+        headers: Mapping[str, str] | None,
+        wire: Wire | None = None,
+    ) -> None:
+        self._nc = nc
+        self._reply = reply
         self._wire = wire
-        self.data: bytes = msg.data
-        self.subject: str = msg.subject
-        self.headers: Mapping[str, str] = msg.headers or {}
+        self.data = data
+        self.subject = subject
+        self.headers: Mapping[str, str] = headers or {}
         # The numbers needed, read straight from the ack subject ($JS.ACK.[<domain>.<account>.]
         # <stream>.<consumer>.<delivered>.<stream seq>.<delivery seq>...): nats-py's
         # `metadata` also builds a datetime and three objects per message.
-        tokens = (msg.reply or "").split(".")
+        tokens = reply.split(".")
         at = 4 if len(tokens) == 9 else 6 if len(tokens) >= 11 else 0
         self.delivered: int
         self.stream_seq: int
@@ -52,28 +61,38 @@ class JetStreamDelivery:
             self.delivered, self.stream_seq = int(tokens[at]), int(tokens[at + 1])
             self.delivery_seq = int(tokens[at + 2])
         else:
-            meta = msg.metadata  # raises for what is not a JetStream delivery
+            meta = self._msg().metadata  # raises for what is not a JetStream delivery
             self.delivered, self.stream_seq = meta.num_delivered, meta.sequence.stream
             self.delivery_seq = meta.sequence.consumer
+
+    @classmethod
+    def of(cls, msg: Msg, wire: Wire | None = None) -> "JetStreamDelivery":
+        """The delivery of a message nats-py made."""
+        return cls(msg._client, msg.subject, msg.reply, msg.data, msg.headers, wire)
+
+    def _msg(self) -> Msg:
+        # nats-py's message, for what is rare enough not to need a faster way.
+        return Msg(_client=self._nc, subject=self.subject, reply=self._reply,  # type: ignore[arg-type]
+                   data=self.data, headers=dict(self.headers))  # fmt: skip
 
     async def ack(self) -> None:
         """Settle as done; the work-queue stream deletes the message."""
         if self._wire is None:
-            await self._msg.ack()
+            await self._msg().ack()
         else:  # the same message nats-py's ack sends, built for less
-            await self._wire.publish(self._msg.reply, b"")
+            await self._wire.publish(self._reply, b"")
 
     async def nak(self, delay: float | None = None) -> None:
         """Ask for redelivery, after `delay` seconds when given."""
-        await self._msg.nak(delay=delay)
+        await self._msg().nak(delay=delay)
 
     async def term(self) -> None:
         """Stop redelivery for good."""
-        await self._msg.term()
+        await self._msg().term()
 
     async def in_progress(self) -> None:
         """Reset the ack timer: the work is still going on."""
-        await self._msg.in_progress()
+        await self._msg().in_progress()
 
 
 class JetStreamPuller:
@@ -110,7 +129,7 @@ class JetStreamPuller:
     async def start(self) -> None:
         """Subscribe to the inbox the consumer's messages are delivered to."""
         self._reconnects = self._nc.stats["reconnects"]
-        self._sub = await self._nc.subscribe(self._inbox + ".*", cb=self._receive)
+        self._sub = await self._wire.subscribe(self._inbox + ".*", self._receive)
 
     @property
     def idle(self) -> bool:
@@ -163,6 +182,7 @@ class JetStreamPuller:
         """Stop pulling. The server drops requests whose inbox has no subscriber; what is
         delivered and not acked is redelivered to other instances after ack_wait."""
         if self._sub is not None:
+            self._wire.forget(self._sub)
             with contextlib.suppress(nats.errors.Error, ValueError):
                 await self._sub.unsubscribe()
 
@@ -182,11 +202,12 @@ class JetStreamPuller:
         self._credit += size
         self._open[token] = (time.monotonic() + REQUEST_EXPIRES + REQUEST_GRACE, size)
 
-    async def _receive(self, msg: Msg) -> None:
-        headers = msg.headers
-        if msg.reply:  # a JetStream delivery: it carries its ack subject
+    def _receive(
+        self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None
+    ) -> None:
+        if reply:  # a JetStream delivery: it carries its ack subject
             try:
-                delivery = JetStreamDelivery(msg, self._wire)
+                delivery = JetStreamDelivery(self._nc, subject, reply, data, headers, self._wire)
             except Exception as exc:  # nothing on this inbox may stop the stage
                 log.warning("dropped a message on the pull inbox: %r", exc)
                 return
@@ -194,7 +215,7 @@ class JetStreamPuller:
             self._ready.append(delivery)
             self._credit = max(0, self._credit - 1)
         elif headers and headers.get("Status", "100") != "100":  # not a heartbeat
-            self._ended(msg.subject.rpartition(".")[2], headers)
+            self._ended(subject.rpartition(".")[2], headers)
         else:
             return
         self._arrived.set()

@@ -2,8 +2,6 @@
 
 import asyncio
 
-from nats.aio.msg import Msg
-
 from shared.transport.pull import JetStreamPuller
 from tests.support import in_process_pipeline
 
@@ -13,11 +11,13 @@ async def test_a_busy_stage_has_a_delivery_lost_on_the_way_again_before_ack_wait
 ):
     receive, dropped = JetStreamPuller._receive, []
 
-    async def lossy(self: JetStreamPuller, msg: Msg) -> None:
-        if not dropped and msg.reply and b"lose me" in msg.data:
-            dropped.append(msg.subject)  # as a route dying with the delivery on it would
+    def lossy(
+        self: JetStreamPuller, subject: str, reply: str, data: bytes, headers: dict | None
+    ) -> None:
+        if not dropped and reply and b"lose me" in data:
+            dropped.append(subject)  # as a route dying with the delivery on it would
             return
-        await receive(self, msg)
+        receive(self, subject, reply, data, headers)
 
     monkeypatch.setattr(JetStreamPuller, "_receive", lossy)
     async with in_process_pipeline(nats_server.url, ORCH_STAGES__RAG__ACK_WAIT="60") as (

@@ -8,7 +8,7 @@ import nats
 import pytest
 from nats.aio.msg import Msg
 
-from shared.transport.wire import Wire, supported
+from shared.transport.wire import Wire, handles_inbound, supported
 
 CASES = [
     ("plain", b"payload", "", None),
@@ -112,3 +112,85 @@ async def test_a_closed_connection_fails_as_nats_py_fails(nats_server):
     await nc.close()
     with pytest.raises(nats.errors.ConnectionClosedError):
         await Wire(nc).publish("wire.x", b"p")
+
+
+async def _until(check, seconds: float = 5.0) -> None:
+    for _ in range(int(seconds / 0.02)):
+        if check():
+            return
+        await asyncio.sleep(0.02)
+
+
+async def test_a_hot_subscription_sees_what_a_nats_py_subscription_sees(nats_server):
+    nc = await nats.connect(nats_server.url)
+    try:
+        assert handles_inbound(nc)
+        wire = Wire(nc)
+        usual: list[tuple[str, str, bytes, dict[str, str] | None]] = []
+        hot: list[tuple[str, str, bytes, dict[str, str] | None]] = []
+
+        async def keep(msg: Msg) -> None:
+            usual.append((msg.subject, msg.reply, msg.data, msg.headers))
+
+        await nc.subscribe("wire.>", cb=keep)
+        tasks: set[asyncio.Task[object] | None] = set()
+
+        def take(*parts: object) -> None:
+            hot.append(parts)  # type: ignore[arg-type]
+            tasks.add(asyncio.current_task())
+
+        await wire.subscribe("wire.>", take)
+        # and the server's own status messages: a pull request that finds nothing ends in one
+        js = nc.jetstream()
+        await js.add_stream(name="S", subjects=["s.>"])
+        await js.add_consumer("S", durable_name="c")
+        request = b'{"batch": 1, "expires": 100000000}'
+        await nc.publish("$JS.API.CONSUMER.MSG.NEXT.S.c", request, reply="wire.pull.1")
+        await _publish_all(nc, wire.publish)
+        await _until(lambda: len(hot) == len(usual) == len(CASES) + 1)
+        assert tasks == {nc._reading_task}  # handed over as parsed: no task of its own
+    finally:
+        await nc.close()
+    assert hot == usual
+    assert any(h and h.get("Status") == "408" for *_, h in hot)  # the request's end
+
+
+async def test_a_failing_handler_costs_nothing_else(nats_server):
+    nc = await nats.connect(nats_server.url)
+    try:
+        wire, seen = Wire(nc), []
+
+        def broken(subject: str, *_: object) -> None:
+            raise RuntimeError("a bug in a handler")
+
+        await wire.subscribe("wire.bad", broken)
+        sub = await wire.subscribe("wire.good", lambda subject, *_: seen.append(subject))
+        for subject in ("wire.bad", "wire.good", "wire.bad", "wire.good"):
+            await nc.publish(subject, b"p")
+        await _until(lambda: len(seen) == 2)
+        assert seen == ["wire.good", "wire.good"] and nc.is_connected
+        wire.forget(sub)
+        await sub.unsubscribe()
+        await nc.publish("wire.good", b"p")
+        await nc.flush()
+        await asyncio.sleep(0.1)
+        assert len(seen) == 2  # unsubscribed: no more calls
+    finally:
+        await nc.close()
+
+
+async def test_a_hot_subscription_survives_a_reconnect(nats_binary):
+    nc = await nats.connect(nats_binary.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
+    try:
+        seen: list[bytes] = []
+        await Wire(nc).subscribe("wire.x", lambda _s, _r, data, _h: seen.append(data))
+        nats_binary.stop()
+        await _until(lambda: not nc.is_connected)
+        nats_binary.start()
+        await _until(lambda: nc.is_connected)
+        await nc.flush()
+        await nc.publish("wire.x", b"after")
+        await _until(lambda: bool(seen))
+        assert seen == [b"after"]
+    finally:
+        await nc.close()
