@@ -79,8 +79,8 @@ class JetStreamDelivery:
         """Settle as done; the work-queue stream deletes the message."""
         if self._wire is None:
             await self._msg().ack()
-        else:  # the same message nats-py's ack sends, built for less
-            await self._wire.publish(self._reply, b"")
+        else:  # nats-py's ack, built for less, going out with the next message written
+            await self._wire.publish_soon(self._reply, b"")
 
     async def nak(self, delay: float | None = None) -> None:
         """Ask for redelivery, after `delay` seconds when given."""

@@ -3,12 +3,13 @@ exactly what nats-py's `publish` sends, and whatever the fast path cannot vouch 
 out through nats-py."""
 
 import asyncio
+import time
 
 import nats
 import pytest
 from nats.aio.msg import Msg
 
-from shared.transport.wire import Wire, handles_inbound, supported
+from shared.transport.wire import LINGER, Wire, handles_inbound, supported
 
 CASES = [
     ("plain", b"payload", "", None),
@@ -194,3 +195,33 @@ async def test_a_hot_subscription_survives_a_reconnect(nats_binary):
         assert seen == [b"after"]
     finally:
         await nc.close()
+
+
+async def test_an_ack_goes_out_with_the_next_message_or_soon_after(nats_server):
+    nc = await nats.connect(nats_server.url)
+    watcher = await nats.connect(nats_server.url)
+    try:
+        seen: list[tuple[float, str]] = []
+
+        async def note(msg: Msg) -> None:
+            seen.append((time.monotonic(), msg.subject))
+
+        await watcher.subscribe("wire.>", cb=note)
+        await watcher.flush()
+        wire = Wire(nc)
+        sent = time.monotonic()
+        await wire.publish_soon("wire.ack", b"")
+        await _until(lambda: bool(seen))
+        assert [s for _, s in seen] == ["wire.ack"]  # alone, it waited at most LINGER
+        assert seen[0][0] - sent < LINGER + 0.5
+        seen.clear()
+        await wire.publish_soon("wire.ack2", b"")
+        await wire.publish("wire.next", b"p")  # written at once, the ack with it
+        await _until(lambda: len(seen) == 2)
+        assert [s for _, s in seen] == ["wire.ack2", "wire.next"]
+        await wire.publish_soon("wire.last", b"")
+        await nc.flush()  # as closing a bus does: nothing queued is left behind
+        await _until(lambda: len(seen) == 3)
+    finally:
+        await nc.close()
+        await watcher.close()
