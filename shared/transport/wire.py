@@ -142,6 +142,9 @@ class Wire:
         queue = nc._flush_queue
         if queue is not None and queue.empty():
             await nc._flush_pending()
+        if self._linger is not None:  # what lingered goes out with this: no wake-up for it
+            self._linger.cancel()
+            self._linger = None
 
     async def publish_soon(self, subject: str, payload: bytes) -> None:
         """Queue a message without headers to go out with the next one written, or LINGER

@@ -26,6 +26,13 @@ CASES = [
 ]
 
 
+async def _until(check, seconds: float = 10.0) -> None:
+    for _ in range(int(seconds / 0.02)):
+        if check():
+            return
+        await asyncio.sleep(0.02)
+
+
 async def _received(url: str, send) -> list[Msg]:
     nc = await nats.connect(url)
     got: list[Msg] = []
@@ -37,10 +44,7 @@ async def _received(url: str, send) -> list[Msg]:
     await nc.flush()
     try:
         await send()
-        for _ in range(100):
-            if len(got) == len(CASES):
-                break
-            await asyncio.sleep(0.02)
+        await _until(lambda: len(got) == len(CASES), 10.0)
         return got
     finally:
         await sub.unsubscribe()
@@ -90,17 +94,11 @@ async def test_a_publish_while_disconnected_is_nats_py_s_to_buffer(nats_binary):
         await nc.jetstream().add_stream(name="W", subjects=["wire.>"])
         wire = Wire(nc)
         nats_binary.stop()
-        for _ in range(100):
-            if not nc.is_connected:
-                break
-            await asyncio.sleep(0.02)
+        await _until(lambda: not nc.is_connected)
         assert not nc.is_connected
         await wire.publish("wire.buffered", b"kept", "", {"K": "v"})
         nats_binary.start()
-        for _ in range(300):
-            if nc.is_connected:
-                break
-            await asyncio.sleep(0.02)
+        await _until(lambda: nc.is_connected)
         await nc.flush()
         stored = await nc.jetstream().get_last_msg("W", "wire.buffered")
         assert (stored.data, stored.headers) == (b"kept", {"K": "v"})
@@ -113,13 +111,6 @@ async def test_a_closed_connection_fails_as_nats_py_fails(nats_server):
     await nc.close()
     with pytest.raises(nats.errors.ConnectionClosedError):
         await Wire(nc).publish("wire.x", b"p")
-
-
-async def _until(check, seconds: float = 5.0) -> None:
-    for _ in range(int(seconds / 0.02)):
-        if check():
-            return
-        await asyncio.sleep(0.02)
 
 
 async def test_a_hot_subscription_sees_what_a_nats_py_subscription_sees(nats_server):
