@@ -41,3 +41,20 @@ def test_quick_bench_reports_every_measure(tmp_path):
         assert s["completed"] + s["dead_lettered"] == s["requests"] and s["goodput"] > 0
     for key in ("goodput_vs_raw_batch", "goodput_vs_raw_async", "dead_lettered_at_saturation"):
         assert key in report["ratios"]
+
+
+def test_light_load_bench_reports_latency_and_cpu_per_request(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.light", "--rates", "50", "--seconds", "1", "--rounds", "1",
+         "--workdir", str(tmp_path / "stores")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert [line.split("  ")[0].strip() for line in lines] == ["raw nats-py", "project"]
+    for line in lines:
+        words = line.split()
+        p50, p99 = float(words[words.index("p50") + 1]), float(words[words.index("p99") + 1])
+        assert 0 < p50 <= p99
+        cpu = [float(w) for w in words if w.replace(".", "", 1).isdigit() and "." in w][-2:]
+        assert all(c > 0 for c in cpu)  # stage and server CPU per request

@@ -1,0 +1,77 @@
+"""Open-loop load at fixed rates: latency, and the CPU each request costs the stages and the
+server, for the project (and another commit of it) against the raw nats-py pipeline.
+
+    python -m bench.light [--rates 340 1700] [--seconds 6] [--rounds 2] [--compare REF]
+
+At a rate well below the maximum a stage handles its messages one at a time, and what a
+message costs is mostly wake-ups: of the stage for the delivery and for its output's ack, and
+of nats-server for everything the stage writes. `bench.run` measures CPU only flat out; this
+measures it where the latency targets are set (10 % and 50 % of the raw pipeline's max), so a
+change to how a stage talks to the server can be judged there. Configurations alternate
+over the rounds, each on a fresh server.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import os
+from pathlib import Path
+
+from bench.run import Config, Deployment, Driver, checkout
+
+
+def _cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measure(config: Config, rates: list[float], seconds: float, workdir: Path) -> None:
+    """Print, per rate, p50/p99 and CPU ms per request of the stages and of nats-server."""
+    dep = Deployment(config, capacity=100_000, workdir=workdir)
+    await dep.start()
+    driver = Driver(dep)
+    try:
+        await driver.connect()
+        await driver.max_throughput(500)  # warm-up
+        for rate in rates:
+            stages, server = dep.cpu_seconds(), _cpu(dep.server.pid)
+            latency = await driver.open_loop(rate, seconds)
+            n = max(1, int(rate * seconds))
+            print(f"{config.name:<30} {rate:>6.0f}/s  p50 {latency['p50']:>7.2f}  "
+                  f"p99 {latency['p99']:>7.2f} ms  stage CPU "
+                  f"{(dep.cpu_seconds() - stages) / n * 1000:.3f}  server CPU "
+                  f"{(_cpu(dep.server.pid) - server) / n * 1000:.3f} ms/req",
+                  flush=True)  # fmt: skip
+    finally:
+        with contextlib.suppress(Exception):
+            await driver.close()
+        dep.stop()
+
+
+async def run(args: argparse.Namespace) -> None:
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    configs = [Config("raw nats-py", "raw"), Config("project", "project")]
+    if args.compare:
+        root = checkout(args.compare, workdir)
+        configs.append(Config(f"project@{root.name[4:]}", "project", root=root))
+    for r in range(args.rounds):
+        for config in configs if r % 2 == 0 else configs[::-1]:
+            await measure(config, args.rates, args.seconds, workdir)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rates", type=float, nargs="+", default=[340.0, 1700.0],
+                        help="requests per second, each run in turn")  # fmt: skip
+    parser.add_argument("--seconds", type=float, default=6.0, help="seconds per rate")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds")
+    parser.add_argument("--compare", metavar="REF", help="also the project at this commit")
+    parser.add_argument("--workdir", default="/tmp/orch-bench", help="nats-server stores")
+    asyncio.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
