@@ -14,15 +14,9 @@ over the rounds, each on a fresh server.
 import argparse
 import asyncio
 import contextlib
-import os
 from pathlib import Path
 
 from bench.run import Config, Deployment, Driver, checkout
-
-
-def _cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def measure(config: Config, rates: list[float], seconds: float, workdir: Path) -> None:
@@ -34,13 +28,13 @@ async def measure(config: Config, rates: list[float], seconds: float, workdir: P
         await driver.connect()
         await driver.max_throughput(500)  # warm-up
         for rate in rates:
-            stages, server = dep.cpu_seconds(), _cpu(dep.server.pid)
+            stages, server = dep.cpu_seconds(), dep.server_cpu_seconds()
             latency = await driver.open_loop(rate, seconds)
             n = max(1, int(rate * seconds))
             print(f"{config.name:<30} {rate:>6.0f}/s  p50 {latency['p50']:>7.2f}  "
                   f"p99 {latency['p99']:>7.2f} ms  stage CPU "
                   f"{(dep.cpu_seconds() - stages) / n * 1000:.3f}  server CPU "
-                  f"{(_cpu(dep.server.pid) - server) / n * 1000:.3f} ms/req",
+                  f"{(dep.server_cpu_seconds() - server) / n * 1000:.3f} ms/req",
                   flush=True)  # fmt: skip
     finally:
         with contextlib.suppress(Exception):

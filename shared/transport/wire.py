@@ -134,10 +134,8 @@ class Wire:
             cmd = b"PUB %s %s %d\r\n%s\r\n" % (subject.encode(), reply.encode(), len(payload),
                                               payload)  # fmt: skip
         else:
-            cmd = b"PUB %s %d\r\n%s\r\n" % (subject.encode(), len(payload), payload)
-        stats = nc.stats
-        stats["out_msgs"] += 1
-        stats["out_bytes"] += len(payload)
+            cmd = _pub(subject, payload)
+        _count(nc, payload)
         await nc._send_command(cmd)
         queue = nc._flush_queue
         if queue is not None and queue.empty():
@@ -159,9 +157,8 @@ class Wire:
         if not self._fast or not nc.is_connected or nc.is_draining_pubs:
             await nc.publish(subject, payload)
             return
-        nc.stats["out_msgs"] += 1
-        nc.stats["out_bytes"] += len(payload)
-        await nc._send_command(b"PUB %s %d\r\n%s\r\n" % (subject.encode(), len(payload), payload))
+        _count(nc, payload)
+        await nc._send_command(_pub(subject, payload))
         if self._linger is None:
             self._linger = asyncio.get_running_loop().call_later(LINGER, self._flush_lingering)
 
@@ -185,3 +182,15 @@ class Wire:
                 return None
             lines.append(f"{key}: {value}\r\n")
         return f"NATS/1.0\r\n{''.join(lines)}\r\n".encode()
+
+
+def _pub(subject: str, payload: bytes) -> bytes:
+    """The PUB command of a message without reply or headers."""
+    return b"PUB %s %d\r\n%s\r\n" % (subject.encode(), len(payload), payload)
+
+
+def _count(nc: NatsClient, payload: bytes) -> None:
+    """Count a message sent in the client's statistics, as nats-py's publish does."""
+    stats = nc.stats
+    stats["out_msgs"] += 1
+    stats["out_bytes"] += len(payload)
