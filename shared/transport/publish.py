@@ -32,9 +32,9 @@ SWEEP_PERIOD = 0.25
 class Publisher:
     """Publishes of one connection, each awaiting the stream's ack."""
 
-    def __init__(self, nc: NatsClient, timeout: float, wire: Wire | None = None) -> None:
+    def __init__(self, nc: NatsClient, timeout: float, wire: Wire) -> None:
         self._nc = nc
-        self._wire = wire or Wire(nc)
+        self._wire = wire
         self._timeout = timeout
         self._prefix = nc.new_inbox() + "."
         self._count = itertools.count()

@@ -41,7 +41,7 @@ class JetStreamDelivery:
         reply: str,
         data: bytes,
         headers: Mapping[str, str] | None,
-        wire: Wire | None = None,
+        wire: Wire,
     ) -> None:
         self._nc = nc
         self._reply = reply
@@ -65,11 +65,6 @@ class JetStreamDelivery:
             self.delivered, self.stream_seq = meta.num_delivered, meta.sequence.stream
             self.delivery_seq = meta.sequence.consumer
 
-    @classmethod
-    def of(cls, msg: Msg, wire: Wire | None = None) -> "JetStreamDelivery":
-        """The delivery of a message nats-py made."""
-        return cls(msg._client, msg.subject, msg.reply, msg.data, msg.headers, wire)
-
     def _msg(self) -> Msg:
         # nats-py's message, for what is rare enough not to need a faster way.
         return Msg(_client=self._nc, subject=self.subject, reply=self._reply,  # type: ignore[arg-type]
@@ -77,10 +72,8 @@ class JetStreamDelivery:
 
     async def ack(self) -> None:
         """Settle as done; the work-queue stream deletes the message."""
-        if self._wire is None:
-            await self._msg().ack()
-        else:  # nats-py's ack, built for less, going out with the next message written
-            await self._wire.publish_soon(self._reply, b"")
+        # nats-py's ack, built for less, going out with the next message written
+        await self._wire.publish_soon(self._reply, b"")
 
     async def nak(self, delay: float | None = None) -> None:
         """Ask for redelivery, after `delay` seconds when given."""
@@ -105,11 +98,9 @@ class JetStreamPuller:
     last gave, so an instance holds no more un-acked messages than it can work on.
     """
 
-    def __init__(
-        self, nc: NatsClient, next_subject: str, largest: int, wire: Wire | None = None
-    ) -> None:
+    def __init__(self, nc: NatsClient, next_subject: str, largest: int, wire: Wire) -> None:
         self._nc = nc
-        self._wire = wire or Wire(nc)
+        self._wire = wire
         self._next = next_subject
         self._largest = largest
         # Each request has its own reply subject, so the server's word that one has ended
@@ -292,7 +283,7 @@ class DeliveryGaps:
 
 
 async def open_puller(
-    nc: NatsClient, spec: ConsumerSpec, largest: int, wire: Wire | None = None
+    nc: NatsClient, spec: ConsumerSpec, largest: int, wire: Wire
 ) -> JetStreamPuller:
     """A continuous pull from the durable consumer of `spec`, asking for at most `largest`
     messages per pull request (acks go out through `wire`)."""

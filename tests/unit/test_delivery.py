@@ -16,7 +16,7 @@ REPLIES = [
 @pytest.mark.parametrize("reply", REPLIES)
 def test_counts_match_nats_py_metadata(reply):
     msg = Msg(_client=None, subject="orch.post.1", reply=reply, data=b"{}")  # type: ignore[arg-type]
-    delivery = Delivery.of(msg)
+    delivery = Delivery(None, msg.subject, msg.reply, msg.data, None, None)  # type: ignore[arg-type]
     assert (delivery.delivered, delivery.stream_seq) == (
         msg.metadata.num_delivered,
         msg.metadata.sequence.stream,
@@ -26,4 +26,4 @@ def test_counts_match_nats_py_metadata(reply):
 def test_a_plain_message_is_refused():
     msg = Msg(_client=None, subject="orch.post.1", reply="_INBOX.abc", data=b"{}")  # type: ignore[arg-type]
     with pytest.raises(NotJSMessageError):
-        Delivery.of(msg)
+        Delivery(None, msg.subject, msg.reply, msg.data, None, None)  # type: ignore[arg-type]
