@@ -34,7 +34,7 @@ async def open_bucket(
                 await _place(js, bucket, spec.replicas, placement)
     except nats.errors.Error as exc:
         raise BusError(f"open bucket {bucket}: {exc!r}") from None
-    return JetStreamKeyValue(kv, bucket)
+    return JetStreamKeyValue(kv, bucket, js)
 
 
 async def _place(js: JetStreamContext, bucket: str, replicas: int, tags: tuple[str, ...]) -> None:
@@ -75,8 +75,9 @@ def _placed_stream(config: api.KeyValueConfig, placement: tuple[str, ...]) -> ap
 class JetStreamKeyValue:
     """A JetStream key-value bucket."""
 
-    def __init__(self, kv: NatsKeyValue, bucket: str) -> None:
+    def __init__(self, kv: NatsKeyValue, bucket: str, js: JetStreamContext) -> None:
         self._kv = kv
+        self._js = js
         self.bucket = bucket
 
     def subject(self, key: str) -> str:
@@ -122,21 +123,26 @@ class JetStreamKeyValue:
         return entry.value
 
     async def items(self, prefix: str) -> dict[str, bytes]:
-        """Every live key starting with `prefix`, with its value."""
+        """Every live key starting with `prefix`, with its value.
+
+        The keys come from the stream's own count of messages per subject, not from nats-py's
+        `keys()`: its watcher can end its listing early, and returns nothing or part of the
+        bucket while other keys are being written (nats-io/nats.py#842). Up to 100,000 keys
+        match per call (the server's limit on one stream info), far beyond what the project's
+        buckets hold: an announcement per instance, a record per un-acked suspect message.
+        """
+        prefix_subject = self.subject(prefix)
+        # A prefix that ends a token narrows the server's count; any other is filtered here.
+        wanted = f"{prefix_subject}>" if prefix.endswith(".") else self.subject(">")
         try:
-            keys = await self._kv.keys()
-        except nats.js.errors.NoKeysError:
-            return {}
+            info = await self._js.stream_info(f"KV_{self.bucket}", subjects_filter=wanted)
         except nats.errors.Error as exc:
             raise BusError(f"list {self.bucket}: {exc}") from None
+        subjects = [s for s in info.state.subjects or {} if s.startswith(prefix_subject)]
         out = {}
-        for key in (k for k in keys if k.startswith(prefix)):
-            try:
-                entry = await self._kv.get(key)
-            except nats.js.errors.KeyNotFoundError:
-                continue
-            except nats.errors.Error as exc:
-                raise BusError(f"get {self.bucket}/{key}: {exc}") from None
-            if entry.value is not None:
-                out[key] = entry.value
+        for subject in subjects:
+            key = subject.removeprefix(self.subject(""))
+            value = await self.get(key)  # None for a key whose last word is a delete marker
+            if value is not None:
+                out[key] = value
         return out

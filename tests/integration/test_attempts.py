@@ -1,7 +1,9 @@
 """The attempt log: what a removed consumer held un-acked is recorded, and nothing else."""
 
+import asyncio
+
 from shared.app.load import load
-from shared.runtime.attempts import AttemptLog, Prior
+from shared.runtime.attempts import RECORD_TTL, AttemptLog, Prior
 from shared.runtime.group import declare
 from shared.topology import Topology
 from shared.transport.api import MSG_ID
@@ -79,3 +81,42 @@ async def test_a_stopping_instance_records_retries_as_failures_not_losses(nats_s
         assert await log.record_unsettled(view, under_way=False) == 1
         await log.load()
         assert log.prior(waiting.stream_seq, waiting.headers) == Prior(1, 0)
+
+
+async def test_records_are_all_read_while_other_stages_write_theirs(nats_server):
+    # Instances of other stages write and delete their records meanwhile. A listing that
+    # missed a record would hand a message that killed its stage a fresh start.
+    settings = load(nats_url=nats_server.url)
+    topology = Topology(settings)
+    spec = topology.graph["post"]
+    async with (
+        await Bus.connect(nats_server.url, name="t") as bus,
+        await Bus.connect(nats_server.url, name="others") as others,
+    ):
+        await declare(bus, topology)
+        log = AttemptLog(bus, topology, spec)
+        await log.open()
+        for seq in range(1, 26):
+            await log.started(seq, {MSG_ID: f"m{seq}"}, Prior(0, 1), failures=0)
+        theirs = await others.key_value(topology.bucket(topology.attempts_bucket(), RECORD_TTL))
+        stop = asyncio.Event()
+
+        async def churn(stage: str) -> None:
+            n = 0
+            while not stop.is_set():
+                await theirs.put(f"{stage}.{n % 50}", b'{"id":"x","f":0,"l":1,"open":true}')
+                await theirs.delete(f"{stage}.{(n + 25) % 50}")
+                n += 1
+
+        writers = [asyncio.create_task(churn(stage)) for stage in ("rag", "inference")]
+        try:
+            incomplete = 0
+            for _ in range(200):
+                await log.load()
+                found = sum(log.prior(seq, {MSG_ID: f"m{seq}"}) == Prior(0, 2)
+                            for seq in range(1, 26))  # fmt: skip
+                incomplete += found != 25
+        finally:
+            stop.set()
+            await asyncio.gather(*writers)
+        assert incomplete == 0
