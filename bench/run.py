@@ -533,7 +533,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         return max((m for m in results if m.config == name), key=lambda m: m.throughput)
 
     p, b = best(project.name), best(raw.name)
-    ratios = {"throughput_vs_raw": round(p.throughput / b.throughput, 3)}
+    ratios: dict[str, float | list[float]] = {
+        "throughput_vs_raw": round(p.throughput / b.throughput, 3)
+    }
     if before is not None:
         ratios["throughput_vs_before"] = round(p.throughput / best(before.name).throughput, 3)
     if any(m.config == unmetered.name for m in results):
@@ -545,6 +547,18 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     for key in p.latency:
         if key in b.latency:
             ratios[f"p99_vs_raw_at_{key}"] = round(p.latency[key]["p99"] / b.latency[key]["p99"], 3)
+    # Round by round as well: the rounds alternate, so each pairs the two under the same
+    # conditions, where the best rounds above may come from different moments of the run.
+    paired = zip(
+        (m for m in results if m.config == project.name),
+        (m for m in results if m.config == raw.name),
+        strict=True,
+    )
+    for pm, bm in paired:
+        for key in pm.latency.keys() & bm.latency.keys():
+            by_round = ratios.setdefault(f"p99_vs_raw_at_{key}_by_round", [])
+            assert isinstance(by_round, list)
+            by_round.append(round(pm.latency[key]["p99"] / bm.latency[key]["p99"], 3))
 
     def best_goodput(name: str) -> Saturation:
         return max((s for s in saturation if s.config == name), key=lambda s: s.goodput)

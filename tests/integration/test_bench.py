@@ -32,6 +32,8 @@ def test_quick_bench_reports_every_measure(tmp_path):
     project = next(m for m in report["results"] if m["config"] == "project (5 processes)")
     assert set(project["stage_ms"]) == {"rag", "assemble", "inference", "post", "stream"}
     assert report["ratios"]["throughput_vs_raw"] > 0
+    by_round = [v for k, v in report["ratios"].items() if k.endswith("_by_round")]
+    assert by_round and all(len(v) == 1 and v[0] > 0 for v in by_round)  # one round in --quick
     assert "throughput_vs_raw" in done.stdout
     # The closed-loop saturation run: every accepted request ends, completed or shed.
     saturated = {s["config"]: s for s in report["saturation"]}
