@@ -554,11 +554,12 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         (m for m in results if m.config == raw.name),
         strict=True,
     )
+    by_round: dict[str, list[float]] = {}
     for pm, bm in paired:
-        for key in pm.latency.keys() & bm.latency.keys():
-            by_round = ratios.setdefault(f"p99_vs_raw_at_{key}_by_round", [])
-            assert isinstance(by_round, list)
-            by_round.append(round(pm.latency[key]["p99"] / bm.latency[key]["p99"], 3))
+        for key in (k for k in pm.latency if k in bm.latency):
+            ratio = round(pm.latency[key]["p99"] / bm.latency[key]["p99"], 3)
+            by_round.setdefault(f"p99_vs_raw_at_{key}_by_round", []).append(ratio)
+    ratios.update(by_round)
 
     def best_goodput(name: str) -> Saturation:
         return max((s for s in saturation if s.config == name), key=lambda s: s.goodput)

@@ -40,7 +40,7 @@ async def open_bucket(
 async def _place(js: JetStreamContext, bucket: str, replicas: int, tags: tuple[str, ...]) -> None:
     # An existing bucket follows `replicas` and placement as the streams do (the server moves
     # it); its other limits are left as they are.
-    info = await js.stream_info(f"KV_{bucket}")
+    info = await js.stream_info(_stream(bucket))
     config = info.config
     placed = tuple(config.placement.tags or ()) if config.placement else ()
     if config.num_replicas == replicas and placed == tags:
@@ -51,11 +51,16 @@ async def _place(js: JetStreamContext, bucket: str, replicas: int, tags: tuple[s
     await change(js.update_stream(config), what)
 
 
+def _stream(bucket: str) -> str:
+    """The name of the stream that holds `bucket` (as nats-py and the server name it)."""
+    return f"KV_{bucket}"
+
+
 def _placed_stream(config: api.KeyValueConfig, placement: tuple[str, ...]) -> api.StreamConfig:
     # The stream create_key_value makes, with placement (which nats-py leaves out).
     assert config.ttl is not None
     return api.StreamConfig(
-        name=f"KV_{config.bucket}",
+        name=_stream(config.bucket),
         subjects=[f"$KV.{config.bucket}.>"],
         allow_rollup_hdrs=True,
         allow_msg_ttl=True,
@@ -131,17 +136,16 @@ class JetStreamKeyValue:
         match per call (the server's limit on one stream info), far beyond what the project's
         buckets hold: an announcement per instance, a record per un-acked suspect message.
         """
-        prefix_subject = self.subject(prefix)
+        root = self.subject("")
         # A prefix that ends a token narrows the server's count; any other is filtered here.
-        wanted = f"{prefix_subject}>" if prefix.endswith(".") else self.subject(">")
+        wanted = f"{root}{prefix}>" if prefix.endswith(".") else f"{root}>"
         try:
-            info = await self._js.stream_info(f"KV_{self.bucket}", subjects_filter=wanted)
+            info = await self._js.stream_info(_stream(self.bucket), subjects_filter=wanted)
         except nats.errors.Error as exc:
             raise BusError(f"list {self.bucket}: {exc}") from None
-        subjects = [s for s in info.state.subjects or {} if s.startswith(prefix_subject)]
+        keys = [s.removeprefix(root) for s in info.state.subjects or {}]
         out = {}
-        for subject in subjects:
-            key = subject.removeprefix(self.subject(""))
+        for key in (k for k in keys if k.startswith(prefix)):
             value = await self.get(key)  # None for a key whose last word is a delete marker
             if value is not None:
                 out[key] = value
