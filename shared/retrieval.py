@@ -2,7 +2,6 @@
 
 import math
 import re
-from collections import Counter
 from pathlib import Path
 
 from shared.errors import ConfigError
@@ -32,12 +31,14 @@ class Retriever:
 
     def __init__(self, passages: list[str]) -> None:
         self.passages = passages
-        self._bags = [Counter(_words(p)) for p in passages]
-        df: Counter[str] = Counter()
-        for bag in self._bags:
-            df.update(bag.keys())
+        # An inverted index: a query costs a lookup per word of its own, not a pass over
+        # every passage.
+        self._postings: dict[str, list[int]] = {}
+        for i, passage in enumerate(passages):
+            for word in dict.fromkeys(_words(passage)):
+                self._postings.setdefault(word, []).append(i)
         n = len(passages)
-        self._idf = {w: math.log(1 + n / c) for w, c in df.items()}
+        self._idf = {w: math.log(1 + n / len(found)) for w, found in self._postings.items()}
 
     @classmethod
     def from_file(cls, path: Path | None) -> "Retriever":
@@ -52,11 +53,12 @@ class Retriever:
 
     def search(self, query: str, k: int) -> list[str]:
         """The `k` best passages for `query`, best first; none when nothing overlaps."""
-        terms = set(_words(query))
-        scored = []
-        for i, bag in enumerate(self._bags):
-            score = sum(self._idf[w] for w in terms if w in bag)
-            if score > 0:
-                scored.append((-score, i))
-        scored.sort()
-        return [self.passages[i] for _, i in scored[:k]]
+        scores: dict[int, float] = {}
+        for word in set(_words(query)):
+            found = self._postings.get(word)
+            if found is not None:
+                weight = self._idf[word]
+                for i in found:
+                    scores[i] = scores.get(i, 0.0) + weight
+        best = sorted((-score, i) for i, score in scores.items())
+        return [self.passages[i] for _, i in best[:k]]

@@ -144,6 +144,16 @@ def test_retriever_returns_nothing_without_overlap():
     assert Retriever(["alpha beta"]).search("gamma", 3) == []
 
 
+def test_retriever_ranks_by_rarer_shared_words_then_corpus_order():
+    passages = ["the cat sat", "the dog ran", "the cat ran", "a bird"]
+    retriever = Retriever(passages)
+    # "ran" and "cat" each occur twice, "the" three times: passage 2 has two rarer words
+    assert retriever.search("The cat RAN!", 4) == ["the cat ran", "the cat sat", "the dog ran"]
+    assert retriever.search("cat ran", 1) == ["the cat ran"]
+    assert retriever.search("the", 2) == ["the cat sat", "the dog ran"]  # a tie: corpus order
+    assert retriever.search("the", 0) == []
+
+
 def test_render_uses_template_and_keeps_braces_in_input():
     from services.assemble.stage import render
 
