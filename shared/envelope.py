@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticSerializationError
 
 from shared.errors import InvalidMessage
 
@@ -172,14 +173,18 @@ _ADDED = tuple(ADDED_FIELDS.items())
 
 
 def encode(model: BaseModel) -> bytes:
-    """Serialise a wire model to compact JSON bytes."""
-    # The serializer itself, not model_dump: that wrapper costs more than the work on a
-    # stage's small messages.
+    """Serialise a wire model to compact JSON bytes; TypeError for a value JSON cannot carry
+    (in `data`, say)."""
+    # The serializer itself, straight to JSON: model_dump's wrapper, and a dict for orjson to
+    # write, cost more than the work on a stage's small messages. The bytes are orjson's.
     left_out = None  # a plain loop: a comprehension here costs more than the check itself
     for key, default in _ADDED:
         if getattr(model, key, None) is default:
             left_out = {key} if left_out is None else {*left_out, key}
-    return orjson.dumps(model.__pydantic_serializer__.to_python(model, exclude=left_out))
+    try:
+        return model.__pydantic_serializer__.to_json(model, exclude=left_out)
+    except PydanticSerializationError as exc:
+        raise TypeError(f"not JSON: {exc}") from None
 
 
 def decode(data: bytes, model: type[M], max_bytes: int) -> M:

@@ -28,6 +28,15 @@ def test_encoded_form_is_json_with_version_and_only_the_request_fields():
     assert set(raw) == set(Request.model_fields) - {"stream"}  # left out while false
 
 
+def test_encoding_is_compact_and_refuses_what_json_cannot_carry():
+    env = Envelope(request_id="r", session_id="s", input="é\u2028\x01", created_at=1.5,
+                   data={"n": [1, 2.5e-7, None, True], "k": {"x": "y"}})  # fmt: skip
+    # compact, UTF-8 as it is, control characters escaped: what orjson writes
+    assert encode(env) == orjson.dumps(env.model_dump(exclude={"stream"}))
+    with pytest.raises(TypeError, match="not JSON"):
+        encode(env.with_data(when=object()))
+
+
 def test_a_field_added_after_the_first_release_is_sent_only_when_set():
     # A stage of the first release refuses unknown fields; leaving `stream: false` out keeps
     # a newer client's plain requests acceptable to it during a rolling upgrade.
