@@ -59,11 +59,23 @@ StreamingHandler = Callable[[Envelope], AsyncIterator[Partial | Envelope | Resul
 last its output."""
 
 
+@dataclass(frozen=True, slots=True)
+class Streaming:
+    """A streaming handler with a plain path beside it, for a stage that can answer both ways.
+
+    Requests that ask for their tokens (`stream`) go to `stream`; the others to `complete`,
+    a plain handler giving the same output without a generator's round trip per piece."""
+
+    stream: StreamingHandler
+    complete: Handler
+
+
 StageContext = Context
 """What a stage factory is called with: the stage's name, the instance id and its options."""
 
 __all__ = [
-    "Handler", "NoOptions", "Partial", "Reject", "StageContext", "StreamingHandler", "stage",
+    "Handler", "NoOptions", "Partial", "Reject", "StageContext", "Streaming", "StreamingHandler",
+    "stage",
 ]  # fmt: skip
 
 

@@ -6,6 +6,7 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from shared.envelope import Usage
 from shared.workers import EchoWorker
 
 
@@ -23,8 +24,18 @@ class PoisonWorker(EchoWorker):
         self.log = log
         self.cure = cure
 
-    async def stream(self, prompt: str, *, session_id: str) -> AsyncIterator[str]:
-        """Record the call, fail if poisoned, else echo."""
+    async def stream(self, prompt: str, *, session_id: str) -> AsyncIterator[str | Usage]:
+        """Record the call, fail if poisoned, else echo piece by piece."""
+        await self._called(prompt)
+        async for token in super().stream(prompt, session_id=session_id):
+            yield token
+
+    async def complete(self, prompt: str, *, session_id: str) -> tuple[str, Usage]:
+        """Record the call, fail if poisoned, else echo in one piece."""
+        await self._called(prompt)
+        return await super().complete(prompt, session_id=session_id)
+
+    async def _called(self, prompt: str) -> None:
         if self.log is not None:
             with self.log.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(prompt) + "\n")
@@ -39,8 +50,6 @@ class PoisonWorker(EchoWorker):
             raise RuntimeError("poisoned input")
         if "hang" in prompt and not cured:
             await asyncio.Event().wait()
-        async for token in super().stream(prompt, session_id=session_id):
-            yield token
 
 
 def poison(options: dict[str, object]) -> PoisonWorker:

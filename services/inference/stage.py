@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 
 from shared.data import COMPLETION, PROMPT, USAGE, write_all
 from shared.envelope import Envelope
-from shared.stage import Partial, StageContext, StreamingHandler, stage
+from shared.stage import Partial, StageContext, Streaming, stage
 from shared.workers.models import DEFAULT, Answered, ModelOptions, ModelRoute, ModelRouter
 from shared.workers.remote import Requester
 from shared.workers.spans import ModelSpan
@@ -75,10 +75,35 @@ async def generate(router: ModelRouter, request: Envelope) -> AsyncIterator[Part
         if span is not None:
             span.failed(exc)
         raise
+    yield _answered(request, "".join(pieces), answered, started, first, span)
+
+
+async def complete(router: ModelRouter, request: Envelope) -> Envelope:
+    """The request with the whole completion of its prompt and its usage, as `generate` ends,
+    with no pieces on the way: for requests whose tokens nobody follows."""
+    span = ModelSpan.start()
+    try:
+        done = await router.complete(request, PROMPT.read(request))
+    except BaseException as exc:
+        if span is not None:
+            span.failed(exc)
+        raise
+    return _answered(request, done.text, done.answered, done.started, done.first, span)
+
+
+def _answered(
+    request: Envelope,
+    text: str,
+    answered: Answered,
+    started: float,
+    first: float | None,
+    span: ModelSpan | None,
+) -> Envelope:
+    """The request with its completion and usage in place of its prompt."""
     usage = _usage(answered, started, first)
     if span is not None:
         span.answered(usage)
-    yield write_all(request, {COMPLETION: "".join(pieces), USAGE: usage}, drop=[PROMPT])
+    return write_all(request, {COMPLETION: text, USAGE: usage}, drop=[PROMPT])
 
 
 def _usage(answered: Answered, started: float, first: float | None) -> dict[str, Any]:
@@ -94,17 +119,9 @@ def _usage(answered: Answered, started: float, first: float | None) -> dict[str,
     return fields
 
 
-async def complete(router: ModelRouter, request: Envelope) -> Envelope:
-    """The request with the whole completion of its prompt and its usage (no pieces)."""
-    async for item in generate(router, request):
-        if isinstance(item, Envelope):
-            return item
-    raise AssertionError("generate yields the envelope last")
-
-
 @stage(options=Options)
 @asynccontextmanager
-async def inference(ctx: StageContext[Options]) -> AsyncIterator[StreamingHandler]:
+async def inference(ctx: StageContext[Options]) -> AsyncIterator[Streaming]:
     """Start every model's worker once per stage instance (a local model loads before the
     first request); close them after the drain."""
     router = ctx.options.router(ctx.requester, ctx.subject_prefix)
@@ -115,6 +132,6 @@ async def inference(ctx: StageContext[Options]) -> AsyncIterator[StreamingHandle
         raise
 
     try:
-        yield partial(generate, router)
+        yield Streaming(partial(generate, router), partial(complete, router))
     finally:
         await router.aclose()

@@ -62,7 +62,7 @@ from shared.runtime.timeouts import Timeouts
 from shared.runtime.tokens import TokenStream
 from shared.runtime.tracing import Tracing
 from shared.settings import Settings
-from shared.stage import Partial
+from shared.stage import Partial, Streaming, StreamingHandler
 from shared.topology import OUTCOMES, RESULTS, Topology
 from shared.transport.api import VOID, ConsumerView, Delivery, MessageBus
 from shared.transport.retry import REFUSALS, patiently
@@ -191,13 +191,26 @@ class StageRuntime:
         self._observers = observers(chain)
 
     def _innermost(self, handler: Any) -> CallNext:
-        """The call of `handler` itself: a plain one, or one whose pieces are published."""
-        if not inspect.isasyncgenfunction(handler):
+        """The call of `handler` itself: a plain one, or one whose pieces are published (a
+        `Streaming` handler's plain path takes the requests whose tokens nobody follows)."""
+        if isinstance(handler, Streaming):
+            streaming, plain = self._streamed(handler.stream), handler.complete
 
-            def call(call: Call) -> Awaitable[Output]:
-                return handler(call.request)  # the handler's own coroutine: no frame of ours
+            def either(call: Call) -> Awaitable[Output]:
+                return streaming(call) if call.request.stream else plain(call.request)
 
-            return call
+            return either
+        if inspect.isasyncgenfunction(handler):
+            return self._streamed(handler)
+
+        def call(call: Call) -> Awaitable[Output]:
+            return handler(call.request)  # the handler's own coroutine: no frame of ours
+
+        return call
+
+    def _streamed(self, handler: StreamingHandler) -> CallNext:
+        """The call of a streaming handler: its pieces go to the request's token stream
+        when the request asked for them."""
 
         async def streaming(call: Call) -> Output:
             request, output = call.request, None

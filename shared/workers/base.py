@@ -13,7 +13,13 @@ from shared.workers.openai import OpenAIOptions, OpenAIWorker
 
 @runtime_checkable
 class ModelWorker(Protocol):
-    """A model behind the inference stage: streams the tokens of a completion."""
+    """A model behind the inference stage: streams the tokens of a completion.
+
+    A worker may also have `async complete(prompt, *, session_id) -> (text, Usage | None)`:
+    the whole answer at once, for requests whose tokens nobody follows. Without it those
+    are answered by gathering `stream`. (A subclass that changes `stream` of a worker that
+    has `complete`, EchoWorker's say, changes `complete` alike.)
+    """
 
     def stream(self, prompt: str, *, session_id: str) -> AsyncIterator[str | Usage]:
         """Yield the completion of `prompt` piece by piece, then (optionally) its Usage."""

@@ -44,5 +44,15 @@ class EchoWorker:
             count = len(prompt.split())  # as many as the words above
         yield Usage(model="echo", prompt_tokens=count, completion_tokens=count)
 
+    async def complete(self, prompt: str, *, session_id: str) -> tuple[str, Usage]:
+        """The answer `stream` gives, in one piece, after as long as its pieces would take."""
+        if self.token_delay:
+            tokens = _TOKEN.findall(prompt)
+            await asyncio.sleep(self.token_delay * len(tokens))
+            text, count = "".join(tokens), len(tokens)
+        else:
+            text, count = prompt, len(prompt.split())
+        return text, Usage(model="echo", prompt_tokens=count, completion_tokens=count)
+
     async def aclose(self) -> None:
         """Nothing to release."""

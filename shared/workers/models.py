@@ -9,6 +9,7 @@ result carries says which model answered and whether it stood in.
 """
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -94,6 +95,17 @@ class Answered:
     fallback: bool
 
 
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A whole answer from a model router: the text, who answered, when the model that
+    answered was asked and when its first text came (monotonic seconds; None if none came)."""
+
+    text: str
+    answered: Answered
+    started: float
+    first: float | None
+
+
 class ModelRouter:
     """The models of one inference stage instance, and the choice between them."""
 
@@ -133,14 +145,10 @@ class ModelRouter:
         ModelUnavailable when every one of them failed.
         """
         chosen = self.choose(request)
-        tried: list[str] = []
         failures: list[str] = []
-        for name in [chosen, *self.fallbacks.get(chosen, [])]:
-            if name in tried:
-                continue
-            if tried:
+        for name in self._in_turn(chosen):
+            if failures:
                 yield RESTART
-            tried.append(name)
             try:
                 usage = None
                 async for item in self.models[name].stream(prompt, session_id=request.session_id):
@@ -155,6 +163,31 @@ class ModelRouter:
             return
         raise ModelUnavailable("no model could answer: " + "; ".join(failures))
 
+    async def complete(self, request: Envelope, prompt: str) -> Completion:
+        """The whole answer of the chosen model, or of the first stand-in that can give one,
+        with no pieces handed out on the way. ModelUnavailable when every one failed."""
+        chosen = self.choose(request)
+        failures: list[str] = []
+        for name in self._in_turn(chosen):
+            worker, started = self.models[name], time.monotonic()
+            try:
+                answer = getattr(worker, "complete", None)
+                if answer is not None:
+                    text, usage = await answer(prompt, session_id=request.session_id)
+                    first: float | None = time.monotonic()
+                else:
+                    text, usage, first = await _gathered(worker, prompt, request.session_id)
+            except ModelUnavailable as exc:
+                failures.append(f"{name}: {exc}")
+                continue
+            answered = Answered(usage or Usage(model=name), name, name != chosen)
+            return Completion(text, answered, started, first)
+        raise ModelUnavailable("no model could answer: " + "; ".join(failures))
+
+    def _in_turn(self, chosen: str) -> list[str]:
+        # The chosen model, then its stand-ins, each once.
+        return list(dict.fromkeys([chosen, *self.fallbacks.get(chosen, [])]))
+
     async def start(self) -> None:
         """Start the workers that need it (a local model loads here), all at once."""
         await asyncio.gather(*(start(worker) for worker in self.models.values()))
@@ -163,6 +196,22 @@ class ModelRouter:
         """Close every model's worker."""
         for worker in self.models.values():
             await worker.aclose()
+
+
+async def _gathered(
+    worker: ModelWorker, prompt: str, session_id: str
+) -> tuple[str, Usage | None, float | None]:
+    """A worker's streamed answer in one piece: the text, its Usage, when its first text came."""
+    pieces: list[str] = []
+    usage, first = None, None
+    async for item in worker.stream(prompt, session_id=session_id):
+        if isinstance(item, Usage):
+            usage = item
+        else:
+            if first is None:
+                first = time.monotonic()
+            pieces.append(item)
+    return "".join(pieces), usage, first
 
 
 def _flat(when: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -14,7 +14,10 @@ from shared.errors import ConfigError
 from shared.failure import Reject
 from shared.graph import Graph
 from shared.retrieval import Retriever
+from shared.stage import Streaming
 from shared.workers import EchoWorker, ModelWorker, load_worker
+from shared.workers.errors import ModelUnavailable
+from shared.workers.models import ModelRouter
 from tests.support import STAGE_NAMES
 
 
@@ -37,12 +40,17 @@ async def handler_of(settings, name: str, **options: Any):
     prepared = prepare(decl.handler, "stage", {**decl.options, **options}, f"stages.{name}")
     async with contextlib.AsyncExitStack() as stack:
         handler = await open_component(prepared, Context(name, "test", prepared.options), stack)
-        if not inspect.isasyncgenfunction(handler):
+        plain = handler.complete if isinstance(handler, Streaming) else None
+        stream = handler.stream if isinstance(handler, Streaming) else handler
+        if plain is None and not inspect.isasyncgenfunction(stream):
             yield handler
             return
 
         async def handle(request: Envelope) -> Any:
-            *pieces, output = [item async for item in handler(request)]
+            if plain is not None and not request.stream:  # as the runtime calls it
+                handle.pieces = []  # type: ignore[attr-defined]
+                return await plain(request)
+            *pieces, output = [item async for item in stream(request)]
             handle.pieces = pieces  # type: ignore[attr-defined]
             return output
 
@@ -180,6 +188,52 @@ async def test_echo_worker_answers_at_once_or_word_by_word_at_its_pace():
     assert at_once == ["a  b\nc", usage]
     paced = [t async for t in EchoWorker(token_delay=0.001).stream("a  b\nc", session_id="s")]
     assert paced == ["a  ", "b\n", "c", usage]
+
+
+async def test_echo_worker_answers_whole_as_it_streams():
+    for worker in (EchoWorker(), EchoWorker(token_delay=0.001)):
+        *pieces, usage = [t async for t in worker.stream(" a  b\nc ", session_id="s")]
+        assert await worker.complete(" a  b\nc ", session_id="s") == ("".join(pieces), usage)
+
+
+class Down:
+    """A model that is never there."""
+
+    async def stream(self, prompt: str, *, session_id: str):
+        raise ModelUnavailable("down")
+        yield  # an async generator
+
+    async def aclose(self) -> None:
+        pass
+
+
+class Streams:
+    """A model that only streams: a piece per word, no usage."""
+
+    async def stream(self, prompt: str, *, session_id: str):
+        for word in prompt.split():
+            yield word + "."
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_the_router_answers_whole_as_it_streams_through_its_fallbacks():
+    router = ModelRouter({"default": Down(), "plain": Streams(), "echo": EchoWorker()},
+                         {"default": ["default", "plain"]}, [])  # fmt: skip
+    for asked, text, pool, fallback in [(None, "a.b.", "plain", True),
+                                        ("echo", "a b", "echo", False)]:  # fmt: skip
+        env = request("a b")
+        if asked:
+            env = env.model_copy(update={"metadata": {"model": asked}})
+        streamed = [item async for item in router.stream(env, "a b")]
+        done = await router.complete(env, "a b")
+        assert "".join(i for i in streamed if isinstance(i, str)) == done.text == text
+        assert streamed[-1] == done.answered
+        assert (done.answered.pool, done.answered.fallback) == (pool, fallback)
+        assert done.first is not None and done.first >= done.started
+    with pytest.raises(ModelUnavailable, match="no model could answer: default: down"):
+        await ModelRouter({"default": Down()}, {}, []).complete(request(), "a")
 
 
 def test_load_worker_builtin_and_import_path():
