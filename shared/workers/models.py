@@ -161,7 +161,7 @@ class ModelRouter:
                 continue
             yield Answered(usage or Usage(model=name), name, name != chosen)
             return
-        raise ModelUnavailable("no model could answer: " + "; ".join(failures))
+        raise _none_answered(failures)
 
     async def complete(self, request: Envelope, prompt: str) -> Completion:
         """The whole answer of the chosen model, or of the first stand-in that can give one,
@@ -182,7 +182,7 @@ class ModelRouter:
                 continue
             answered = Answered(usage or Usage(model=name), name, name != chosen)
             return Completion(text, answered, started, first)
-        raise ModelUnavailable("no model could answer: " + "; ".join(failures))
+        raise _none_answered(failures)
 
     def _in_turn(self, chosen: str) -> list[str]:
         # The chosen model, then its stand-ins, each once.
@@ -212,6 +212,11 @@ async def _gathered(
                 first = time.monotonic()
             pieces.append(item)
     return "".join(pieces), usage, first
+
+
+def _none_answered(failures: list[str]) -> ModelUnavailable:
+    """The error when neither the chosen model nor any stand-in answered."""
+    return ModelUnavailable("no model could answer: " + "; ".join(failures))
 
 
 def _flat(when: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
