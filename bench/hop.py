@@ -36,6 +36,7 @@ from bench.topology import HOPS, declare_raw
 from shared.app.load import load
 from shared.app.natsserver import EmbeddedNats
 from shared.envelope import encode, new_request
+from shared.metrics import Metrics
 from shared.partition import partition_of
 from shared.runtime.group import StageGroup, declare
 from shared.topology import RESULTS, Topology
@@ -86,6 +87,8 @@ async def project(url: str, n: int) -> dict[str, float]:
     settings = load(nats_url=url, **{"stages": {s: {"capacity": n + 1000} for s in STAGES}})
     topology = Topology(settings)
     costs: dict[str, float] = {}
+    # Recording metrics as a stage process does (shared.app.process), unless they are off.
+    metrics = Metrics() if settings.metrics.enabled else None
     async with await Bus.connect(url, name="bench-hop") as bus:
         await declare(bus, topology)
         _settle_heap()
@@ -98,7 +101,7 @@ async def project(url: str, n: int) -> dict[str, float]:
                    if i + 1 < len(STAGES) else topology.stream_name(RESULTS))  # fmt: skip
 
             async def run(stop: asyncio.Event, stage: str = stage) -> None:
-                group = StageGroup(settings, [stage], topology)
+                group = StageGroup(settings, [stage], topology, metrics)
                 group.start(bus)
                 await stop.wait()
                 await group.stop()
