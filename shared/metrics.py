@@ -19,6 +19,7 @@ from shared.recorders import (
     INSTANCE_LABEL,
     LATENCY_BUCKETS,
     RATE_BUCKETS,
+    ModelRecorders,
     Recorders,
     StageMetrics,
 )
@@ -153,7 +154,10 @@ def prometheus_recorders(m: Metrics, stage: str, instance: str, last: bool) -> R
         handler=m.handler.histogram(*ids).observe,
         queue_wait=m.queue_wait.histogram(*ids).observe,
         request=m.request.histogram(*ids).observe if last else None,
-        tokens=lambda model, direction, n: m.tokens.value(*ids, model, direction).inc(n),
-        first_token=lambda model, s: m.first_token.histogram(*ids, model).observe(s),
-        token_rate=lambda model, r: m.token_rate.histogram(*ids, model).observe(r),
+        model=lambda model: ModelRecorders(
+            input_tokens=m.tokens.value(*ids, model, "input").inc,
+            output_tokens=m.tokens.value(*ids, model, "output").inc,
+            first_token=m.first_token.histogram(*ids, model).observe,
+            token_rate=m.token_rate.histogram(*ids, model).observe,
+        ),
     )

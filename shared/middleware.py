@@ -26,7 +26,7 @@ it returns the middleware, an awaitable of it, or an async context manager yield
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel
 
@@ -60,9 +60,8 @@ class Call:
     """Headers to put on the output message (how tracing passes its context on)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """How a message left the stage."""
+class Outcome(NamedTuple):
+    """How a message left the stage (immutable: every observer sees the same one)."""
 
     action: Literal["forwarded", "retried", "dead_lettered"]
     seconds: float

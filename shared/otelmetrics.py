@@ -10,12 +10,20 @@ from functools import partial
 
 from opentelemetry import metrics
 
-from shared.recorders import INSTANCE_LABEL, LATENCY_BUCKETS, RATE_BUCKETS, Recorders
+from shared.recorders import (
+    INSTANCE_LABEL,
+    LATENCY_BUCKETS,
+    RATE_BUCKETS,
+    ModelRecorders,
+    Recorders,
+)
 
 
-def otel_recorders(stage: str, instance: str, last: bool) -> Recorders:
-    """Recorders writing to OpenTelemetry instruments of the installed meter provider."""
-    meter = metrics.get_meter("prompt-orchestrator")
+def otel_recorders(stage: str, instance: str, last: bool,
+                   provider: metrics.MeterProvider | None = None) -> Recorders:  # fmt: skip
+    """Recorders writing to OpenTelemetry instruments of `provider` (by default the installed
+    meter provider)."""
+    meter = metrics.get_meter("prompt-orchestrator", meter_provider=provider)
     ids = {"stage": stage, INSTANCE_LABEL: instance}
     messages = meter.create_counter("orchestrator.messages", "{message}",
                                     "Messages settled by a stage, by how they left it")  # fmt: skip
@@ -57,9 +65,14 @@ def otel_recorders(stage: str, instance: str, last: bool) -> Recorders:
         handler=partial(handler.record, attributes=ids),
         queue_wait=partial(wait.record, attributes=ids),
         request=partial(request.record, attributes=ids) if last else None,
-        tokens=lambda model, direction, n: tokens.add(
-            n, {**ids, "model": model, "direction": direction}
+        model=lambda model: ModelRecorders(
+            input_tokens=partial(_add, tokens, {**ids, "model": model, "direction": "input"}),
+            output_tokens=partial(_add, tokens, {**ids, "model": model, "direction": "output"}),
+            first_token=partial(ttft.record, attributes={**ids, "model": model}),
+            token_rate=partial(rate.record, attributes={**ids, "model": model}),
         ),
-        first_token=lambda model, s: ttft.record(s, {**ids, "model": model}),
-        token_rate=lambda model, r: rate.record(r, {**ids, "model": model}),
     )
+
+
+def _add(counter: metrics.Counter, attributes: dict[str, str], amount: int) -> None:
+    counter.add(amount, attributes)

@@ -4,6 +4,7 @@ writes through (labels bound once) and the `StageMetrics` middleware that calls 
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Any
 
 from shared.envelope import Envelope, Result
@@ -36,10 +37,20 @@ class Recorders:
     queue_wait: Callable[[float], Any]
     request: Callable[[float], Any] | None
     """End to end: only at a last stage."""
-    tokens: Callable[[str, str, int], Any]
-    """Called with model, direction ("input" or "output") and the count."""
-    first_token: Callable[[str, float], Any]
-    token_rate: Callable[[str, float], Any]
+    model: Callable[[str], "ModelRecorders"]
+    """The recorders of one model (by its name), made once per model."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRecorders:
+    """How one stage instance records what one model reported, its labels bound already."""
+
+    input_tokens: Callable[[int], Any]
+    output_tokens: Callable[[int], Any]
+    first_token: Callable[[float], Any]
+    """Called with seconds."""
+    token_rate: Callable[[float], Any]
+    """Called with tokens per second."""
 
 
 class StageMetrics(Middleware):
@@ -47,27 +58,30 @@ class StageMetrics(Middleware):
 
     def __init__(self, record: Recorders) -> None:
         self._r = record
+        self._models: dict[str, ModelRecorders] = {}
 
     async def handle(self, call: Call, call_next: CallNext) -> Output:
         """Time the call; count redeliveries; note what a model reported."""
         r, request = self._r, call.request
         since = waited_since(call)
         if since is not None:
-            r.queue_wait(max(0.0, call.received - since))
+            r.queue_wait(call.received - since if call.received > since else 0.0)
         if call.attempt > 1:
             r.redelivered()
         r.enter()
-        start = time.perf_counter()
+        start = perf_counter()
         try:
             output = await call_next(call)
         finally:
-            r.handler(time.perf_counter() - start)
+            r.handler(perf_counter() - start)
             r.leave()
-        if isinstance(output, Envelope) and "usage" in output.data:
-            if "usage" not in request.data:  # this stage asked a model
-                self._model(output.data["usage"])
-        elif isinstance(output, Result) and r.request is not None:
-            r.request(max(0.0, time.time() - request.created_at))
+        if r.request is not None:  # a last stage: its output is the result
+            if isinstance(output, Result):
+                r.request(max(0.0, time.time() - request.created_at))
+        elif isinstance(output, Envelope):
+            usage = output.data.get("usage")
+            if usage is not None and "usage" not in request.data:  # this stage asked a model
+                self._model(usage)
         return output
 
     def settled(self, stage: str, request: Envelope | None, outcome: Outcome) -> None:
@@ -83,15 +97,19 @@ class StageMetrics(Middleware):
     def _model(self, usage: object) -> None:
         if not isinstance(usage, dict):
             return
-        r = self._r
         model = str(usage.get("pool") or usage.get("model") or "unknown")
-        for key, direction in (("prompt_tokens", "input"), ("completion_tokens", "output")):
-            count = usage.get(key)
-            if isinstance(count, int) and count > 0:
-                r.tokens(model, direction, count)
+        r = self._models.get(model)
+        if r is None:
+            r = self._models[model] = self._r.model(model)
+        count = usage.get("prompt_tokens")
+        if isinstance(count, int) and count > 0:
+            r.input_tokens(count)
+        count = usage.get("completion_tokens")
+        if isinstance(count, int) and count > 0:
+            r.output_tokens(count)
         ttft = usage.get("ttft_ms")
         if isinstance(ttft, int | float):
-            r.first_token(model, ttft / 1000)
+            r.first_token(ttft / 1000)
         rate = usage.get("tokens_per_second")
         if isinstance(rate, int | float):
-            r.token_rate(model, rate)
+            r.token_rate(rate)
