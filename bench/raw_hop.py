@@ -23,6 +23,7 @@ from collections.abc import Awaitable
 
 import nats
 import nats.errors
+import nats.js.errors
 from nats.aio.msg import Msg
 
 from bench.topology import raw_consumer, raw_next_subject
@@ -33,11 +34,18 @@ RETRY_DELAY = 0.05  # seconds before a message whose publish failed comes again
 ASYNC_ACK_TIMEOUT = 0.5
 
 
+async def _quiet_when_full(exc: Exception) -> None:
+    # publish_async's refused publishes surface here (see above) and are nak'ed once their
+    # wait runs out: a careful user of it drops them rather than log a traceback for each.
+    if not isinstance(exc, nats.js.errors.ServiceUnavailableError):
+        print(f"raw_hop: {exc!r}", file=sys.stderr)
+
+
 async def main(
     url: str, hop: int, hops: int, idiom: str = "batch", stop: asyncio.Event | None = None
 ) -> None:
     """Run hop `hop` (1-based) until SIGTERM, or until `stop` is set when given."""
-    nc = await nats.connect(url, max_reconnect_attempts=-1)
+    nc = await nats.connect(url, max_reconnect_attempts=-1, error_cb=_quiet_when_full)
     js = nc.jetstream()
     stream, durable = raw_consumer(hop)
     psub = await js.pull_subscribe_bind(durable=durable, stream=stream)
