@@ -102,6 +102,10 @@ class Measurement:
     peak_rss_mb: dict[str, float]
     latency: dict[str, dict[str, float]] = field(default_factory=dict)
     stage_ms: dict[str, dict[str, float]] = field(default_factory=dict)
+    cores_busy: float = 0.0
+    """Cores the stages, nats-server and the load driver kept busy during the throughput run."""
+    server_cores_busy: float = 0.0
+    """Of those, nats-server's."""
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -374,10 +378,11 @@ async def measure(config: Config, n: int, rates: list[float], seconds: float,
     try:
         await driver.connect()
         await driver.max_throughput(min(n, 500))  # warm-up: imports, caches, JIT-free paths
-        cpu0, srv0 = dep.cpu_seconds(), dep.server_cpu_seconds()
+        cpu0, srv0, own0 = dep.cpu_seconds(), dep.server_cpu_seconds(), time.process_time()
         elapsed, _ = await driver.max_throughput(n)
         cpu = dep.cpu_seconds() - cpu0
         srv = dep.server_cpu_seconds() - srv0
+        own = time.process_time() - own0  # this process: the load driver
         m = Measurement(
             config=config.name,
             requests=n,
@@ -386,6 +391,8 @@ async def measure(config: Config, n: int, rates: list[float], seconds: float,
             cpu_ms_per_request=round(cpu / n * 1000, 3),
             server_cpu_ms_per_request=round(srv / n * 1000, 3),
             peak_rss_mb={},
+            cores_busy=round((cpu + srv + own) / elapsed, 2),
+            server_cores_busy=round(srv / elapsed, 2),
         )
         for rate in rates:
             m.latency[f"{rate:.0f}/s"] = await driver.open_loop(rate, seconds)
@@ -452,6 +459,22 @@ def _faststream_available() -> bool:
     return True
 
 
+def scaling_limit(curve: list[Measurement], cores: int) -> str:
+    """What limits the scaling curve (1, 2, 4 instances of one stage), from the cores busy."""
+    rates = ", ".join(f"{m.throughput:.0f}" for m in curve)
+    busy = ", ".join(f"{m.cores_busy:.2f}" for m in curve)
+    said = f"{rates} req/s with {busy} of {cores} cores busy"
+    if curve[-1].throughput > curve[0].throughput * 1.1:
+        return f"{said}: throughput grows with the instances (no limit reached)"
+    if min(m.cores_busy for m in curve) >= 0.9 * cores:
+        server = max(m.server_cores_busy for m in curve)
+        return (f"{said}: the machine's CPU is the limit (every core busy; nats-server "
+                f"up to {server:.2f} of them)")  # fmt: skip
+    if max(m.server_cores_busy for m in curve) >= 0.9:
+        return f"{said}: nats-server is the limit (a core of its own or more)"
+    return f"{said}: neither the CPU nor nats-server is the limit (look at the stage's waits)"
+
+
 def _table(results: list[Measurement]) -> str:
     lines = [f"{'configuration':<26} {'req/s':>8} {'cpu ms/req':>10} {'srv ms/req':>10} "
              f"{'max RSS MB':>10}  latency p50/p99 ms at rates"]  # fmt: skip
@@ -512,6 +535,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                             scaled={"inference": count})  # fmt: skip
             scaling.append(await measure(config, n, [], seconds, workdir))
             print(_table(scaling[-1:]).splitlines()[1], file=sys.stderr)
+        print(f"scaling out inference: {scaling_limit(scaling, os.cpu_count() or 1)}",
+              file=sys.stderr)  # fmt: skip
 
     # Saturation: a closed-loop client against channels of the default size, where a full
     # channel makes itself felt. The strongest plain nats-py idioms are the baselines.
@@ -588,6 +613,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "quick": quick,
         "results": [asdict(m) for m in results],
         "scaling": [asdict(m) for m in scaling],
+        "scaling_limit": scaling_limit(scaling, os.cpu_count() or 1) if scaling else None,
         "saturation_requests": sat_n,
         "saturation": [asdict(s) for s in saturation],
         "ratios": ratios,

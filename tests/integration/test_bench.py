@@ -26,6 +26,7 @@ def test_quick_bench_reports_every_measure(tmp_path):
     for m in report["results"]:
         assert m["throughput"] > 0
         assert m["cpu_ms_per_request"] > 0
+        assert m["cores_busy"] > m["server_cores_busy"] > 0
         assert m["peak_rss_mb"] and all(mb > 0 for mb in m["peak_rss_mb"].values())
         for lat in m["latency"].values():
             assert 0 <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
