@@ -13,12 +13,18 @@ on the future, so that future never completes: each is awaited for at most
 ASYNC_ACK_TIMEOUT (FastStream's publish timeout), as a careful user of it has to. The payload
 is not parsed; the request id travels in a header.
 
-    python -m bench.raw_hop URL HOP HOPS [batch|async]
+With "checked", each message gets the work a project stage does on it besides moving it:
+decoded and validated as an `Envelope`, a hop record appended, encoded again. That measures
+the cost of checking every message apart from the cost of the project's runtime. A message
+that fails the check is terminated (the baseline has no dead-letter stream).
+
+    python -m bench.raw_hop URL HOP HOPS [batch|async] [checked]
 """
 
 import asyncio
 import signal
 import sys
+import time
 from collections.abc import Awaitable
 
 import nats
@@ -27,6 +33,8 @@ import nats.js.errors
 from nats.aio.msg import Msg
 
 from bench.topology import raw_consumer, raw_next_subject
+from shared.envelope import Envelope, Hop, decode, encode
+from shared.errors import InvalidMessage
 
 BATCH = 64
 FETCH_WAIT = 1.0
@@ -41,8 +49,33 @@ async def _quiet_when_full(exc: Exception) -> None:
         print(f"raw_hop: {exc!r}", file=sys.stderr)
 
 
+def check(data: bytes, hop: int, received: float) -> bytes:
+    """What a project stage does to a message besides moving it (InvalidMessage if bad)."""
+    envelope = decode(data, Envelope, 1 << 20)
+    envelope.hops.append(Hop(stage=f"h{hop}", instance=f"h{hop}", received=received,
+                             done=time.time()))  # fmt: skip
+    return encode(envelope)
+
+
+async def _checked(msgs: list[Msg], hop: int) -> tuple[list[Msg], list[bytes]]:
+    received, kept, payloads = time.time(), [], []
+    for m in msgs:
+        try:
+            payloads.append(check(m.data, hop, received))
+        except InvalidMessage:
+            await m.term()
+        else:
+            kept.append(m)
+    return kept, payloads
+
+
 async def main(
-    url: str, hop: int, hops: int, idiom: str = "batch", stop: asyncio.Event | None = None
+    url: str,
+    hop: int,
+    hops: int,
+    idiom: str = "batch",
+    checked: bool = False,
+    stop: asyncio.Event | None = None,
 ) -> None:
     """Run hop `hop` (1-based) until SIGTERM, or until `stop` is set when given."""
     nc = await nats.connect(url, max_reconnect_attempts=-1, error_cb=_quiet_when_full)
@@ -53,21 +86,25 @@ async def main(
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
 
-    def forward(msg: Msg) -> Awaitable[object]:
+    def forward(msg: Msg, data: bytes) -> Awaitable[object]:
         rid = msg.headers["Req-Id"]  # type: ignore[index]
         headers = {"Req-Id": rid, "Sent-At": msg.headers["Sent-At"],  # type: ignore[index]
                    "Nats-Msg-Id": f"{rid}:{hop}"}  # fmt: skip
         subject = raw_next_subject(hop, hops, rid, msg.subject)
         if idiom == "async":
-            return js.publish_async(subject, msg.data, headers=headers)
-        return js.publish(subject, msg.data, headers=headers)
+            return js.publish_async(subject, data, headers=headers)
+        return js.publish(subject, data, headers=headers)
 
     while not stop.is_set():
         try:
             msgs = await psub.fetch(BATCH, timeout=FETCH_WAIT)
         except (TimeoutError, nats.errors.TimeoutError):
             continue
-        sends = [forward(m) for m in msgs]
+        if checked:
+            msgs, payloads = await _checked(msgs, hop)
+        else:
+            payloads = [m.data for m in msgs]
+        sends = [forward(m, data) for m, data in zip(msgs, payloads, strict=True)]
         if idiom == "async":  # publish_async hands back the ack's future
             sends = [asyncio.wait_for(await s, ASYNC_ACK_TIMEOUT) for s in sends]
         outcomes = await asyncio.gather(*sends, return_exceptions=True)
@@ -88,4 +125,5 @@ if __name__ == "__main__":
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:
         pass
-    asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:5]))
+    url, hop, hops, *rest = sys.argv[1:]
+    asyncio.run(main(url, int(hop), int(hops), *rest[:1], checked="checked" in rest[1:]))

@@ -58,7 +58,7 @@ class Config:
     """One deployment to measure."""
 
     name: str
-    kind: str  # "project" | "project-up" | "raw" | "raw-async" | "faststream"
+    kind: str  # "project" | "project-up" | "raw" | "raw-async" | "raw-checked" | "faststream"
     instances: int = 1
     scaled: dict[str, int] = field(default_factory=dict)
     """Stages run with this many instances instead (the project's kinds)."""
@@ -143,7 +143,9 @@ class Deployment:
         if not self.project:
             await declare_raw(url, self.capacity, 512)
             module = "bench.faststream_hop" if self.config.kind == "faststream" else "bench.raw_hop"
-            idiom = ["async"] if self.config.kind == "raw-async" else []
+            idiom = {"raw-async": ["async"], "raw-checked": ["batch", "checked"]}.get(
+                self.config.kind, []
+            )
             cmds = [(f"h{h}", [sys.executable, "-m", module, url, str(h), str(HOPS), *idiom])
                     for h in range(1, HOPS + 1)]  # fmt: skip
         elif self.config.kind == "project-up":

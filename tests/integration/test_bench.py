@@ -1,6 +1,7 @@
 """The benchmark's smoke run completes and reports sane numbers (never a time)."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -49,15 +50,20 @@ def test_quick_bench_reports_every_measure(tmp_path):
 def test_light_load_bench_reports_latency_and_cpu_per_request(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "bench.light", "--rates", "50", "--seconds", "1", "--rounds", "1",
-         "--workdir", str(tmp_path / "stores")],
+         "--checked", "--workdir", str(tmp_path / "stores")],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
-    assert [line.split("  ")[0].strip() for line in lines] == ["raw nats-py", "project"]
+    assert [line.split("  ")[0].strip() for line in lines] == [
+        "raw nats-py", "raw nats-py, checked", "project"]  # fmt: skip
     for line in lines:
-        words = line.split()
-        p50, p99 = float(words[words.index("p50") + 1]), float(words[words.index("p99") + 1])
-        assert 0 < p50 <= p99
-        cpu = [float(w) for w in words if w.replace(".", "", 1).isdigit() and "." in w][-2:]
-        assert all(c > 0 for c in cpu)  # stage and server CPU per request
+        assert 0 < _after(line, "p50") <= _after(line, "p99")
+        for label in ("stage CPU", "server CPU", "cores busy"):
+            assert _after(line, label) > 0, line
+
+
+def _after(line: str, label: str) -> float:
+    found = re.search(rf"{label} +([0-9.]+)", line)
+    assert found, f"no {label!r} in {line!r}"
+    return float(found.group(1))
