@@ -15,7 +15,11 @@ dead-lettered ones are counted apart. Baselines: plain nats-py hops gathering `j
 per batch, and with `js.publish_async` per batch (and FastStream when installed). The project
 and the baselines alternate, and ratios are computed from numbers of the same run. A full run
 also measures the project with metrics off (`[metrics] enabled = false`) beside it, so
-`throughput_metrics_on_vs_off` and `goodput_metrics_on_vs_off` say what recording them costs.
+`throughput_metrics_on_vs_off` and `goodput_metrics_on_vs_off` say what recording them costs,
+and raw nats-py with each hop checking every message as a stage does (decode and validate the
+envelope, append a hop record, encode it; `bench/raw_hop.py ... checked`), so
+`throughput_vs_checked_raw` and `p99_vs_checked_raw_at_<rate>` say what the project's runtime
+costs apart from the checks.
 """
 
 import argparse
@@ -502,8 +506,10 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     alternating = [raw, project]
     # The same pipeline recording no metrics: what recording them costs, in this run.
     unmetered = Config("project, metrics off", "project", env={"ORCH_METRICS__ENABLED": "false"})
+    # Raw nats-py doing the checks a stage does on each message: what checking costs.
+    checked = Config("raw nats-py, checked (5 processes)", "raw-checked")
     if not quick:
-        alternating.append(unmetered)
+        alternating += [unmetered, checked]
     before = None
     if args.compare:
         root = checkout(args.compare, workdir)
@@ -574,6 +580,12 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     for key in p.latency:
         if key in b.latency:
             ratios[f"p99_vs_raw_at_{key}"] = round(p.latency[key]["p99"] / b.latency[key]["p99"], 3)
+    if any(m.config == checked.name for m in results):
+        c = best(checked.name)
+        ratios["throughput_vs_checked_raw"] = round(p.throughput / c.throughput, 3)
+        for key in (k for k in p.latency if k in c.latency):
+            ratio = p.latency[key]["p99"] / c.latency[key]["p99"]
+            ratios[f"p99_vs_checked_raw_at_{key}"] = round(ratio, 3)
     # Round by round as well: the rounds alternate, so each pairs the two under the same
     # conditions, where the best rounds above may come from different moments of the run.
     paired = zip(
