@@ -33,12 +33,12 @@ async def measure(config: Config, rates: list[float], seconds: float, workdir: P
         await driver.connect()
         await driver.max_throughput(500)  # warm-up
         for rate in rates:
-            stages, server = dep.cpu_seconds(), dep.server_cpu_seconds()
-            mine, start = time.process_time(), time.monotonic()
+            cpu0, srv0, own0 = dep.cpu_seconds(), dep.server_cpu_seconds(), time.process_time()
+            start = time.monotonic()
             latency = await driver.open_loop(rate, seconds)
             elapsed, n = time.monotonic() - start, max(1, int(rate * seconds))
-            stages, server = dep.cpu_seconds() - stages, dep.server_cpu_seconds() - server
-            busy = (stages + server + time.process_time() - mine) / elapsed
+            stages, server = dep.cpu_seconds() - cpu0, dep.server_cpu_seconds() - srv0
+            busy = (stages + server + time.process_time() - own0) / elapsed  # own: the driver
             print(f"{config.name:<30} {rate:>6.0f}/s  p50 {latency['p50']:>7.2f}  "
                   f"p99 {latency['p99']:>7.2f} ms  stage CPU {stages / n * 1000:.3f}  "
                   f"server CPU {server / n * 1000:.3f} ms/req  cores busy {busy:.2f}",
