@@ -134,7 +134,7 @@ async def raw(url: str, n: int) -> dict[str, float]:
         out = f"RAW_H{hop + 1}" if hop < HOPS else "RAW_RESULTS"
 
         async def run(stop: asyncio.Event, hop: int = hop) -> None:
-            await raw_hop.main(url, hop, HOPS, "batch", stop)
+            await raw_hop.main(url, hop, HOPS, "batch", stop=stop)
 
         async def stored(out: str = out) -> int:
             return (await js.stream_info(out)).state.messages

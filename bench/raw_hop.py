@@ -70,6 +70,7 @@ async def main(
     hop: int,
     hops: int,
     idiom: str = "batch",
+    *,
     checked: bool = False,
     stop: asyncio.Event | None = None,
 ) -> None:

@@ -67,3 +67,19 @@ def _after(line: str, label: str) -> float:
     found = re.search(rf"{label} +([0-9.]+)", line)
     assert found, f"no {label!r} in {line!r}"
     return float(found.group(1))
+
+
+def test_hop_bench_measures_every_hop_of_both_pipelines(tmp_path):
+    out = tmp_path / "hop.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.hop", "--requests", "200", "--rounds", "1",
+         "--json", str(out), "--workdir", str(tmp_path / "stores")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    hops = {r["pipeline"]: r["ms_per_message"] for r in report["runs"]}
+    assert set(hops["raw"]) == {f"h{i}" for i in range(1, 6)}
+    assert set(hops["project"]) == {"rag", "assemble", "inference", "post", "stream"}
+    assert all(ms > 0 for costs in hops.values() for ms in costs.values())
+    assert report["ratios"]["project_vs_raw"] > 0
