@@ -52,13 +52,21 @@ def settings_for(env: dict[str, str]) -> Settings:
 
 
 class StageProcess:
-    """One stage as its own OS process: `orchestrator run <stage>` (`python -m shared.app`)."""
+    """One stage as its own OS process: `orchestrator run <stage>` (`python -m shared.app`),
+    or `python -m services.<stage>` with `module`."""
 
     def __init__(
-        self, stage: str, env: dict[str, str], log_dir: Path, name: str | None = None
+        self,
+        stage: str,
+        env: dict[str, str],
+        log_dir: Path,
+        name: str | None = None,
+        *,
+        module: bool = False,
     ) -> None:
         self.stage = stage
         self.name = name or stage
+        self.command = ["-m", f"services.{stage}"] if module else ["-m", "shared.app", "run", stage]
         self.env = env
         self.log_dir = log_dir
         self.starts = 0
@@ -71,7 +79,7 @@ class StageProcess:
         self.signalled: int | None = None
         log = open(self.log_dir / f"{self.name}-{self.starts}.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shared.app", "run", self.stage],
+            [sys.executable, *self.command],
             cwd=ROOT,
             env=self.env,
             stdout=log,

@@ -10,6 +10,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+from shared import telemetry
 from shared.app import heap
 from shared.app.discovery import announce
 from shared.app.http import Probes, serve_http
@@ -157,6 +158,7 @@ def stage_main(stage: str) -> None:
         settings = load()
         if stage not in Topology(settings).graph.names:
             raise OrchestratorError(f"stage {stage!r} is not in the pipeline (disabled?)")
+        telemetry.configure(f"orchestrator-{stage}")  # as `orchestrator run <stage>` does
         install_event_loop_policy()
         asyncio.run(serve(settings, [stage], settings.nats_url or DEFAULT_URL))
     except OrchestratorError as exc:
