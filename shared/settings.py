@@ -199,7 +199,7 @@ class Settings(BaseSettings):
     replicas: int = Field(default=1, ge=1, le=5)
     placement: list[str] = Field(default_factory=list)
     """Server tags (a cluster's `server_tags`) that every stream's and bucket's replicas must
-    be placed on; applied when they are created."""
+    be placed on; existing ones are moved there when a stage starts (the server moves them)."""
     duplicate_window: float = Field(default=120.0, gt=0)
     max_message_bytes: int = Field(default=256 * 1024, ge=1024)
     publish_timeout: float = Field(default=5.0, gt=0)

@@ -114,6 +114,7 @@ class JetStreamAdmin:
 _STREAM_FIELDS = (
     "subjects", "retention", "discard", "max_msgs", "max_bytes", "max_age", "max_msg_size",
     "max_msgs_per_subject", "storage", "num_replicas", "duplicate_window", "allow_msg_counter",
+    "placement",
 )  # fmt: skip
 _CONSUMER_FIELDS = ("filter_subjects", "max_ack_pending", "ack_wait", "max_deliver", "ack_policy")
 
@@ -173,6 +174,8 @@ _SAME = {("num_replicas", None, 1), ("num_replicas", 0, 1), ("allow_msg_counter"
 
 
 def _norm(value: Any) -> Any:
+    if isinstance(value, api.Placement):  # compared by its tags: none is no placement
+        return tuple(sorted(value.tags or ())) or None
     if isinstance(value, list):
         return tuple(sorted(value))
     if isinstance(value, float):

@@ -88,6 +88,17 @@ async def test_placement_puts_streams_and_buckets_on_the_tagged_servers(nats_clu
     assert {name: await leader_of(nats_cluster.url, name) for name in names} == dict.fromkeys(
         names, "n1"
     )
+    # Declared again with other tags, the existing streams move to the servers they name.
+    moved = Topology(settings_for(stage_env(nats_cluster.url, ORCH_PLACEMENT='["node:n2"]')))
+    async with await Bus.connect(nats_cluster.url, name="test-placement") as bus:
+        said = await declare(bus, moved)
+    assert any("placement" in line for line in said), said
+    async with asyncio.timeout(30):  # the server moves them in the background
+        while True:
+            with contextlib.suppress(AssertionError):  # no leader during the move
+                if await leader_of(nats_cluster.url, names[0]) == "n2":
+                    break
+            await asyncio.sleep(0.2)
 
 
 async def test_a_bucket_made_with_other_replicas_follows_the_setting(nats_cluster):
