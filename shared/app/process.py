@@ -10,11 +10,9 @@ import time
 from functools import partial
 from pathlib import Path
 
-from shared import telemetry
 from shared.app import heap
 from shared.app.discovery import announce
 from shared.app.http import Probes, serve_http
-from shared.app.load import load
 from shared.errors import BusError, OrchestratorError
 from shared.metrics import Metrics
 from shared.runtime.group import HEALTH_STALE, StageGroup, declare
@@ -152,15 +150,8 @@ def install_event_loop_policy() -> None:
 
 
 def stage_main(stage: str) -> None:
-    """Entry point of `python -m services.<stage>`: settings from the environment."""
-    configure_logging()
-    try:
-        settings = load()
-        if stage not in Topology(settings).graph.names:
-            raise OrchestratorError(f"stage {stage!r} is not in the pipeline (disabled?)")
-        telemetry.configure(f"orchestrator-{stage}")  # as `orchestrator run <stage>` does
-        install_event_loop_policy()
-        asyncio.run(serve(settings, [stage], settings.nats_url or DEFAULT_URL))
-    except OrchestratorError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    """Entry point of `python -m services.<stage>`: `orchestrator run <stage>`, with the
+    options that takes (--config, --nats-url, -v, --help)."""
+    from shared.app.cli import main  # the command line imports this module
+
+    main(["run", stage, *sys.argv[1:]])

@@ -39,6 +39,22 @@ def test_a_stage_started_with_a_bad_value_names_it_and_exits_2(nats_server):
     one_line_error(done, "ORCH_STAGES__RAG__BACKOFF: cannot parse '1,2'")
 
 
+def test_a_stage_module_takes_the_options_of_orchestrator_run():
+    # No server: a stage that ignored its arguments would start and wait for one instead.
+    env = stage_env("nats://127.0.0.1:9")
+    module = [sys.executable, "-m", "services.rag"]
+    shown = subprocess.run([*module, "--help"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=60)  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert "--nats-url" in shown.stdout and "--config" in shown.stdout
+    refused = subprocess.run([*module, "--nats-url", "http://127.0.0.1:4222"], cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert refused.returncode == 2 and "argument --nats-url: not a NATS" in refused.stderr
+    unknown = subprocess.run([*module, "--bogus"], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=60)  # fmt: skip
+    assert unknown.returncode == 2 and "unrecognized arguments: --bogus" in unknown.stderr
+
+
 BAD_FLAGS = [
     (["ask", "hi", "--session", ""], "argument --session: a session id has 1 to 1024"),
     (["ask", "hi", "--session", "s", "--request-id", "no spaces"], "argument --request-id"),
