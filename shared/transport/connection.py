@@ -105,6 +105,11 @@ class Bus:
         with contextlib.suppress(nats.errors.Error, TimeoutError):
             await self._nc.flush(timeout=2)
         await self._publisher.stop()
+        if not self._nc.is_connected:
+            # Reconnecting: what nats-py buffered meanwhile can reach no server now, and its
+            # close would write it to the socket that is gone (uvloop raises on that). An
+            # unsent ack or publish is redelivered or retried like any other lost one.
+            self._nc._pending, self._nc._pending_data_size = [], 0
         await self._nc.close()
 
     async def increment(self, subject: str, by: int, *, msg_id: str) -> None:
