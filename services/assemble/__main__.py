@@ -3,7 +3,7 @@
 The same as `orchestrator run assemble`: settings from the environment and $ORCH_CONFIG.
 """
 
-from shared.app.process import stage_main
+from shared.app.cli import stage_main
 
 if __name__ == "__main__":
     stage_main("assemble")

@@ -268,3 +268,9 @@ def main(argv: list[str] | None = None) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 128 + signal.SIGPIPE
     sys.exit(code)
+
+
+def stage_main(stage: str) -> None:
+    """Entry point of `python -m services.<stage>`: `orchestrator run <stage>`, with the
+    options that takes (--config, --nats-url, -v, --help)."""
+    main(["run", stage, *sys.argv[1:]])

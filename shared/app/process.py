@@ -147,11 +147,3 @@ def install_event_loop_policy() -> None:
     except ImportError:
         return
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-
-def stage_main(stage: str) -> None:
-    """Entry point of `python -m services.<stage>`: `orchestrator run <stage>`, with the
-    options that takes (--config, --nats-url, -v, --help)."""
-    from shared.app.cli import main  # the command line imports this module
-
-    main(["run", stage, *sys.argv[1:]])
