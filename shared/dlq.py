@@ -134,7 +134,8 @@ class DeadLetterQueue:
         progress: Progress | None = None,
         through: int | None = None,
     ) -> ReplayReport:
-        """Send matching entries back to the subject they failed on, then delete them.
+        """Send matching entries back to the subject they failed on, then delete them
+        (`dry_run`: only check each, as `failed` reports).
 
         Only entries up to sequence `through` (by default the last one when the replay
         starts) are replayed, so an entry that is dead-lettered again during the replay is
@@ -145,7 +146,12 @@ class DeadLetterQueue:
         if through is None:
             through = await self.last_seq()
         report = ReplayReport(matched=await self.count(flt, limit, through=through))
-        if dry_run:
+        if dry_run:  # the checks a replay makes before publishing, and nothing else
+            async for entry in self.entries(flt, limit, through=through):
+                try:
+                    self._channel_of(entry)
+                except OrchestratorError as exc:
+                    report.failed.append((entry.seq, str(exc)))
             return report
         interval = 1.0 / rate if rate else 0.0
         next_at = time.monotonic()
@@ -184,7 +190,8 @@ class DeadLetterQueue:
         channel = self._topology.channel_of_subject(entry.subject)
         if channel is None:
             raise OrchestratorError(
-                f"entry {entry.seq}: original subject {entry.subject!r} is not a pipeline channel"
+                f"entry {entry.seq}: original subject {entry.subject!r} is not a channel of "
+                "this pipeline (is it the pipeline file the stages run with? --config)"
             )
         return channel
 

@@ -33,6 +33,9 @@ class Status:
 
     accounts: Accounts
     stages: list[StageStatus]
+    unknown_stages: list[str] = field(default_factory=list)
+    """Stages the server shows signs of (announced instances, dead-letter entries) that the
+    pipeline file read here does not have: another pipeline file is running."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready form."""
@@ -43,6 +46,7 @@ class Status:
                 "surplus": self.accounts.surplus,
             },
             "stages": [asdict(s) for s in self.stages],
+            "unknown_stages": self.unknown_stages,
         }
 
 
@@ -101,7 +105,9 @@ async def read_status(
                 instances=members.get(stage.name, {}),
             )
         )
-    return Status(account(snapshot), rows)
+    stage_prefix = topology.dlq_subject("", "")[:-1]  # <prefix>.dlq.
+    seen = set(members) | {s[len(stage_prefix) :].split(".", 1)[0] for s in per_subject}
+    return Status(account(snapshot), rows, sorted(seen - set(topology.graph.names)))
 
 
 async def members_by_stage(bus: MessageBus, topology: Topology) -> dict[str, dict[str, list[int]]]:
@@ -190,6 +196,10 @@ def format_status(status: Status) -> str:
             f"{s.stage:<10} {s.queued:>7} {s.ack_pending:>11} {s.redelivered:>11} "
             f"{s.waiting_pulls:>5}  {dead}"
         )
+    if status.unknown_stages:
+        lines.append(f"(also on the server, not in this pipeline file: "
+                     f"{', '.join(status.unknown_stages)}; pass the pipeline file the stages "
+                     "run with, --config)")  # fmt: skip
     lines += ["", "instances and the partitions they own:"]
     for s in status.stages:
         for instance, owned in sorted(s.instances.items()):

@@ -63,8 +63,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         parents=common,
         help="accounting identity and per-stage queues (--watch: live, per instance)",
         description="Show accepted = completed + dead-lettered + in flight for the whole "
-        "pipeline, then per stage: queue depth, ack-pending, redeliveries, dead letters by "
-        "reason, and the instances with the partitions each owns. Read from the server. "
+        "pipeline, then per stage: queue depth, ack-pending, redeliveries, pulls (pull "
+        "requests the instances have waiting on the server: 0 means nobody is consuming), "
+        "dead letters by reason, and the instances with the partitions each owns. Read from "
+        "the server; stages the server knows and the pipeline file does not are named. "
         "With --watch, a table of every stage instance refreshed until Ctrl-C.",
         epilog=WATCH_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -344,8 +346,11 @@ async def run_dlq(args: argparse.Namespace, topology: Topology, bus: MessageBus)
             flt, limit=args.limit, rate=args.rate, dry_run=args.dry_run, progress=_Bar("replay")
         )
         if args.dry_run:
-            print(f"would replay {report.matched} entries")
-            return 0
+            print(f"would replay {report.matched - len(report.failed)} of {report.matched} "
+                  "entries")  # fmt: skip
+            for seq, error in report.failed:
+                print(f"  #{seq} would not be replayed: {error}", file=sys.stderr)
+            return 1 if report.failed else 0
         print(f"replayed {report.replayed} of {report.matched} entries")
         for seq, error in report.failed:
             print(f"  #{seq} not replayed: {error}", file=sys.stderr)

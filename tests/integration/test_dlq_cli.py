@@ -93,7 +93,7 @@ async def test_status_and_dlq_commands(nats_server, pipeline):
         assert refused.returncode == 2 and "must be" in refused.stderr, args
 
     dry = run(["dlq", "replay", "--dry-run", "--session", "sess 0"], env)
-    assert dry.stdout.strip() == "would replay 1 entries"
+    assert dry.stdout.strip() == "would replay 1 of 1 entries"
 
     refused = run(["dlq", "purge", "--session", "sess 2"], env)
     assert refused.returncode == 2

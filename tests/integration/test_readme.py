@@ -193,6 +193,23 @@ def test_your_own_stages(shell, nats_server):
     assert answered is not None and answered.returncode == 0, answered.stderr
     hops = [hop["stage"] for hop in json.loads(answered.stdout)["hops"]]
     assert hops == ["rag", "assemble", "inference", "translate", "post", "moderate", "stream"]
+    moderated = shell.do("orchestrator ask 'darn it' --session s --timeout 60")
+    assert moderated is not None and moderated.returncode == 3, moderated.stderr
+    # Without the pipeline file the moderate stage is not a channel the replay knows: the dry
+    # run says so, as the replay itself would, instead of promising a replay.
+    config = "--config docs/examples/moderated/pipeline.toml"
+    unknown = shell.do("orchestrator dlq replay --stage moderate --dry-run")
+    assert unknown is not None and unknown.returncode == 1
+    assert unknown.stdout.strip() == "would replay 0 of 1 entries"
+    assert "not a channel of this pipeline" in unknown.stderr and "--config" in unknown.stderr
+    known = shell.do(f"orchestrator {config} dlq replay --stage moderate --dry-run")
+    assert known is not None and known.returncode == 0, known.stderr
+    assert known.stdout.strip() == "would replay 1 of 1 entries"
+    # And status names the stages it cannot show, rather than leaving them out unsaid.
+    status = shell.do("orchestrator status")
+    assert status is not None and status.returncode == 0, status.stderr
+    assert "not in this pipeline file: moderate, translate;" in status.stdout
+    assert "not in this pipeline file" not in shell.do(f"orchestrator {config} status").stdout
     assert shell.stop()[up] == 0
 
 
@@ -230,7 +247,7 @@ def test_dead_letter_operations(shell, nats_server, tmp_path):
     assert shown is not None and shown.returncode == 0, shown.stderr
     assert "a poison pill" in shown.stdout
     would = shell.do(dry)
-    assert would is not None and would.stdout.strip() == "would replay 1 entries"
+    assert would is not None and would.stdout.strip() == "would replay 1 of 1 entries"
     cure.touch()
     replayed = shell.do(replay)
     assert replayed is not None and replayed.returncode == 0, replayed.stderr
