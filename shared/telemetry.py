@@ -4,9 +4,10 @@ The code records through the OpenTelemetry API only. Exporting needs the SDK, co
 whoever runs the process: `opentelemetry-instrument` (its own set-up stands), an application
 embedding the client, or `configure()` below, which every `orchestrator` command calls:
 
-- traces are exported when `OTEL_TRACES_EXPORTER` names exporters (`otlp`, `console`;
-  `none`: off) or an OTLP endpoint is set (`OTEL_EXPORTER_OTLP_ENDPOINT`, or its `_TRACES_`
-  form), then over OTLP/HTTP unless `OTEL_TRACES_EXPORTER` says otherwise;
+- traces are exported when `OTEL_TRACES_EXPORTER` names exporters (`otlp`; `console`, on
+  stderr, which leaves a command's output on stdout alone; `none`: off) or an OTLP endpoint
+  is set (`OTEL_EXPORTER_OTLP_ENDPOINT`, or its `_TRACES_` form), then over OTLP/HTTP unless
+  `OTEL_TRACES_EXPORTER` says otherwise;
 - metrics likewise with `OTEL_METRICS_EXPORTER` (shared.otelmetrics records them);
 - sampling (`OTEL_TRACES_SAMPLER`, `_ARG`), the service name and resource attributes
   (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`) and the exporters' own variables are the
@@ -18,6 +19,7 @@ Nothing asked for: nothing is imported beyond the API, and untraced traffic pays
 import atexit
 import logging
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -93,7 +95,8 @@ def _install_traces(names: list[str], resource: Any) -> None:
     provider = TracerProvider(resource=resource)  # its sampler follows OTEL_TRACES_SAMPLER
     for name in names:
         if name == "console":
-            provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
+            console = ConsoleSpanExporter(out=sys.stderr)  # stdout is the command's output
+            provider.add_span_processor(SimpleSpanProcessor(console))
         else:
             exporter = _otlp("TRACES", name, "trace_exporter", "OTLPSpanExporter")
             provider.add_span_processor(BatchSpanProcessor(exporter()))
@@ -112,7 +115,8 @@ def _install_metrics(names: list[str], resource: Any) -> None:
     readers = []
     for name in names:  # the interval follows OTEL_METRIC_EXPORT_INTERVAL (60 s by default)
         if name == "console":
-            readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
+            console = ConsoleMetricExporter(out=sys.stderr)
+            readers.append(PeriodicExportingMetricReader(console))
         else:
             exporter = _otlp("METRICS", name, "metric_exporter", "OTLPMetricExporter")
             readers.append(PeriodicExportingMetricReader(exporter()))

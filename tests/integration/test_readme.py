@@ -269,7 +269,8 @@ def test_observing_the_mesh(shell, nats_server):
     asked = shell.until(ask, lambda done: done.returncode == 0)
     assert asked.returncode == 0, asked.stderr
     assert "Question: What is NATS?" in asked.stdout  # the echo worker's answer
-    assert '"name": "orchestrator publish"' in asked.stdout  # the console exporter's span
+    assert '"name": "orchestrator publish"' in asked.stderr  # the console exporter's span
+    assert '"name"' not in asked.stdout  # which leaves the answer alone
     readiness = shell.until(ready, lambda done: done.stdout.strip() == "ready")
     assert readiness.stdout.strip() == "ready"
     scraped = shell.do(scrape)
