@@ -75,6 +75,7 @@ def load_settings(
     config: Path | str | None = None,
     *,
     graph: Mapping[str, Any] | None = None,
+    check_graph: bool = True,
     **overrides: Any,
 ) -> Settings:
     """Load settings from `config` (or $ORCH_CONFIG), the environment and `overrides`.
@@ -82,7 +83,8 @@ def load_settings(
     `graph` is the default pipeline (`entry` and `stages`, as in a pipeline file) that the
     file and environment add to: a stage they declare under a name the default has is merged
     into it, key by key. Overrides whose value is None are ignored, so CLI flags can be passed
-    through as they are. The stage graph is checked (shared.graph) before returning.
+    through as they are. The stage graph is checked (shared.graph) before returning, unless
+    `check_graph` is false (the caller checks it, with more).
     """
     path = config or os.environ.get(CONFIG_ENV) or None
     layers: list[Mapping[str, Any]] = []
@@ -102,7 +104,7 @@ def load_settings(
         problems += _problems(exc, _entry(layers))
     except SettingsError as exc:  # a variable holding a list or table that is not JSON
         problems.append(_unparsable(cls, given, exc))
-    if settings is not None:
+    if settings is not None and check_graph:
         problems += graph_problems(settings)
     if problems:
         raise ConfigError(f"invalid configuration {where}: " + "; ".join(map(str, problems)),

@@ -9,6 +9,7 @@ from shared.config import load_settings
 from shared.settings import Settings
 
 
-def load(config: Path | str | None = None, **overrides: Any) -> Settings:
+def load(config: Path | str | None = None, *, check_graph: bool = True, **overrides: Any,
+         ) -> Settings:  # fmt: skip
     """Load settings over the built-in five-stage graph (see shared.config.load_settings)."""
-    return load_settings(config, graph=DEFAULT_GRAPH, **overrides)
+    return load_settings(config, graph=DEFAULT_GRAPH, check_graph=check_graph, **overrides)

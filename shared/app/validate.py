@@ -46,15 +46,21 @@ def run_validate(args: argparse.Namespace) -> int:
     if path is None and os.environ.get(CONFIG_ENV):
         path = Path(os.environ[CONFIG_ENV])
     name = str(path) if path else "(built-in graph)"
+    graph = None
     try:
-        settings = load(path)
-        graph = Graph(settings)
-        problems = plan_problems(settings, graph)
+        settings = load(path, check_graph=False)  # checked below, beside the factories
     except ConfigError as exc:
         if not exc.problems:  # the file cannot be read or parsed at all
             print(f"error: {exc}", file=sys.stderr)
             return 2
         problems = exc.problems
+    else:
+        try:
+            graph = Graph(settings)
+            problems = []
+        except ConfigError as exc:
+            problems = list(exc.problems)
+        problems += plan_problems(settings)  # reported with the graph's, not after a fix
     if problems:
         text = _read(path)
         for problem in problems:
@@ -62,6 +68,7 @@ def run_validate(args: argparse.Namespace) -> int:
         count = len(problems)
         print(f"{name}: {count} problem{'s' if count > 1 else ''}", file=sys.stderr)
         return 2
+    assert graph is not None
     print(f"{name}: valid; entry {graph.entry_name!r}, {len(graph)} stages")
     for line in graph.describe():
         print(f"  {line}")

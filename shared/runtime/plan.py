@@ -2,6 +2,7 @@
 options checked. Nothing is set up yet; the runtime does that when it starts."""
 
 from dataclasses import dataclass
+from typing import Any
 
 from shared.components import Prepared, prepare
 from shared.errors import ConfigError, Problem
@@ -44,12 +45,21 @@ def plan_stage(settings: Settings, graph: Graph, name: str) -> StagePlan:
     return StagePlan(stage, handler, tuple(middleware))
 
 
-def plan_problems(settings: Settings, graph: Graph) -> list[Problem]:
-    """Every problem finding or configuring any stage's factories (each counted once)."""
+def plan_problems(settings: Settings) -> list[Problem]:
+    """Every problem finding or configuring the enabled stages' handlers and the middleware
+    (each counted once); the graph need not be valid, so these show beside its problems."""
+    search = [settings.source.resolve().parent] if settings.source else []
     problems: list[Problem] = []
-    for name in graph.names:
+
+    def check(reference: str, kind: str, options: dict[str, Any], key: str) -> None:
         try:
-            plan_stage(settings, graph, name)
+            prepare(reference, kind, options, key, search)
         except ConfigError as exc:
-            problems += [p for p in exc.problems if p not in problems]
+            problems.extend(p for p in exc.problems if p not in problems)
+
+    for name, decl in settings.stages.items():
+        if decl.enabled:
+            check(decl.handler, "stage", decl.options, f"stages.{name}")
+    for i, mw in enumerate(settings.middleware):
+        check(mw.factory, "middleware", mw.options, f"middleware[{i}]")
     return problems

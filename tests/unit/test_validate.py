@@ -85,6 +85,23 @@ def test_a_route_to_a_stage_that_does_not_exist(tmp_path, capsys):
     )
 
 
+def test_graph_and_handler_problems_are_reported_together(tmp_path, capsys):
+    code, lines, path = validate(tmp_path, (
+        '[stages.rag]\nnext = "nowhere"\n\n'
+        '[stages.extra]\nhandler = "no_such_module:factory"\nnext = "rag"\n'
+    ), capsys)  # fmt: skip
+    assert code == 2
+    assert sorted(lines[:-1]) == sorted([
+        f"{path}:2: stages.rag.next: no stage named 'nowhere' (stages: assemble, extra, "
+        "inference, post, rag, stream)",
+        f"{path}:6: stages.extra.next: 'rag' is the entry stage: it reads only the intake, "
+        "nothing may route to it",
+        f"{path}:5: stages.extra.handler: cannot import no_such_module:factory: no module "
+        "named 'no_such_module'",
+    ])  # fmt: skip
+    assert lines[-1] == f"{path}: 3 problems"
+
+
 def test_bad_limits_and_options(tmp_path, capsys):
     code, lines, path = validate(tmp_path, (
         "[stages.rag]\nconcurrency = 0\nbatch = 5000\n\n[stages.rag.options]\ntop_k = -1\n"
