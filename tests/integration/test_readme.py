@@ -109,6 +109,13 @@ class Shell:
                 return done
             time.sleep(0.5)
 
+    def said(self) -> str:
+        """The end of what each background command printed, to explain a failure."""
+        return "\n".join(f"--- {command}:\n{log.read_text(errors='replace')[-3000:]}"
+                         for log, (command, _) in zip(sorted(self.logs.glob("bg*.log"),
+                                                             key=lambda p: int(p.stem[2:])),
+                                                      self.background, strict=False))  # fmt: skip
+
     def stop(self) -> dict[str, int]:
         """SIGTERM every background command, newest first; return how each exited."""
         codes = {}
@@ -267,7 +274,7 @@ def test_observing_the_mesh(shell, nats_server):
     for command in (export, otel, up):
         shell.do(command)
     asked = shell.until(ask, lambda done: done.returncode == 0)
-    assert asked.returncode == 0, asked.stderr
+    assert asked.returncode == 0, asked.stderr + shell.said()
     assert "Question: What is NATS?" in asked.stdout  # the echo worker's answer
     assert '"name": "orchestrator publish"' in asked.stderr  # the console exporter's span
     assert '"name"' not in asked.stdout  # which leaves the answer alone
