@@ -35,6 +35,7 @@ from shared.telemetry import tracing_on
 from shared.topology import RESULTS, Topology
 from shared.transport.api import MessageBus
 from shared.transport.connection import Bus
+from shared.urls import DEFAULT_URL
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,10 @@ class Client:
         self.topology = Topology(settings)
 
     @classmethod
-    async def connect(cls, settings: Settings, url: str) -> "Client":
-        """Connect to the NATS server at `url`."""
+    async def connect(cls, settings: Settings, url: str | None = None) -> "Client":
+        """Connect to the NATS server at `url` (default: `settings.nats_url`, else
+        DEFAULT_URL, nats://127.0.0.1:4222)."""
+        url = url or settings.nats_url or DEFAULT_URL
         bus = await Bus.connect(
             url, name="orchestrator-client", publish_timeout=settings.publish_timeout, wait=5.0
         )
@@ -124,6 +127,12 @@ class Client:
         While the intake stream does not exist yet (the stages are still starting), keep
         trying for up to `wait` seconds (default: `publish_timeout`), then raise NoSuchStream.
         """
+        await self._submit(envelope, wait)
+        return envelope.request_id
+
+    async def _submit(self, envelope: Request, wait: float | None) -> bool:
+        """Publish `envelope` (as `publish_request`); False if its id was published before,
+        within the duplicate window."""
         subject = self.topology.intake_subject(envelope.session_id)
         data = encode(envelope)
         limit = self.topology.settings.max_message_bytes
@@ -137,9 +146,10 @@ class Client:
         pause = 0.1
         while True:
             try:
-                await self.bus.publish(subject, data, msg_id=f"{envelope.request_id}:client",
-                                       headers=trace_headers or None)  # fmt: skip
-                return envelope.request_id
+                return await self.bus.publish_once(
+                    subject, data, msg_id=f"{envelope.request_id}:client",
+                    headers=trace_headers or None,
+                )  # fmt: skip
             except NoSuchStream as exc:
                 if time.monotonic() + pause > give_up:
                     raise NoSuchStream(f"{exc}, or start the pipeline's stages, which declare "
@@ -185,11 +195,12 @@ class Client:
     async def follow(self, request_id: str, timeout: float = 30.0) -> AsyncIterator[Chunk | Result]:
         """The answer of `request_id` as it is generated, from its first token however late
         this starts, then its result; ResultTimeout when no result came within `timeout`,
-        RequestDeadLettered when the request was dead-lettered.
+        RequestDeadLettered when the request was dead-lettered. The tokens are the streaming
+        stage's output: stages after it change only the result.
 
         A Chunk with `restart` set means the text before it is void (the answer starts
-        over). A request that did not ask for its tokens, or whose tokens have expired,
-        gives its whole answer as one Chunk when its result is there.
+        over). A request that did not ask for its tokens, whose tokens have expired, or whose
+        result is stored before its tokens are read, gives its whole answer as one Chunk.
         """
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
@@ -272,9 +283,8 @@ class Client:
         # Subscribe before publishing (or before looking), so the result cannot slip between.
         sub = await self.bus.subscribe(self.topology.result_subject(request_id))
         try:
-            if to_publish is not None:
-                await self.publish_request(to_publish, wait=timeout)
-            else:
+            # A request published before (a retry of the same id) may have its answer already.
+            if to_publish is None or not await self._submit(to_publish, timeout):
                 found = await self._look(request_id)
                 if found:
                     return found

@@ -9,6 +9,7 @@ import time
 import orjson
 import pytest
 
+from shared import client as client_module
 from shared.dlq import DeadLetterQueue, EntryFilter
 from shared.envelope import new_request
 from shared.errors import RequestDeadLettered
@@ -130,3 +131,24 @@ async def test_a_request_on_another_partition_or_with_stage_fields_is_refused(na
             await client.result(forged["request_id"], timeout=30)
         assert forged_refused.value.status == "invalid"
         assert "written by the stages" in forged_refused.value.error
+
+
+async def test_asking_again_with_the_same_id_answers_from_what_is_stored(
+    nats_server, cure, monkeypatch
+):
+    # The documented retry: ask again with the request id. The publish is a duplicate, so
+    # the answer cannot come as a new message; it must be read from where it is stored,
+    # at once, not after the wait for a new message gives up (made long here).
+    monkeypatch.setattr(client_module, "_RECHECK", 120.0)
+    async with in_process_pipeline(nats_server.url, **POISON) as (_, _, client, _):
+        done = await client.ask("a good question", "s1", timeout=30)
+        with pytest.raises(RequestDeadLettered) as caught:
+            await client.ask("a poison pill", "s2", timeout=30)
+        again = await asyncio.wait_for(
+            client.ask("a good question", "s1", request_id=done.request_id, timeout=60), 30
+        )
+        assert again == done
+        with pytest.raises(RequestDeadLettered) as repeated:
+            await asyncio.wait_for(client.ask("a poison pill", "s2", timeout=60,
+                                              request_id=caught.value.request_id), 30)  # fmt: skip
+        assert repeated.value.dead_letter_seq == caught.value.dead_letter_seq
