@@ -3,6 +3,8 @@
 from urllib.parse import urlsplit
 
 SCHEMES = ("nats", "tls", "ws", "wss")
+DEFAULT_URL = "nats://127.0.0.1:4222"
+"""Where a client or stage connects when no URL is configured (where `up` puts its server)."""
 
 
 def server_list(text: str) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from shared.app.natsserver import EmbeddedNats, port_is_free
-from shared.app.process import DEFAULT_URL, check_health, serve
+from shared.app.process import check_health, serve
 from shared.client import Client
 from shared.envelope import Result
 from shared.errors import ConfigError, RequestDeadLettered, ResultTimeout
@@ -23,6 +23,7 @@ from shared.runtime.group import declare
 from shared.settings import Settings
 from shared.topology import Topology
 from shared.transport.connection import Bus
+from shared.urls import DEFAULT_URL
 
 DEFAULT_PORT = 4222
 NO_RESULT = 1

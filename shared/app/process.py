@@ -24,8 +24,6 @@ from shared.transport.service import Endpoint
 
 log = logging.getLogger(__name__)
 
-DEFAULT_URL = "nats://127.0.0.1:4222"
-
 
 async def serve(settings: Settings, stages: list[str], url: str) -> None:
     """Connect, declare, run `stages` until SIGINT/SIGTERM, then drain and disconnect."""

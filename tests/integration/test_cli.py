@@ -103,6 +103,13 @@ def test_up_publish_ask_result_round_trip(nats_server, tmp_path):
             assert ran.returncode == 0, ran.stderr
             outputs.append(ran.stdout)
         client, dlq = outputs  # the client, then the dead-letter operations
+        # With $ORCH_CONFIG naming a file that changes a built-in stage, as the stages may run.
+        changed = tmp_path / "changed.toml"
+        changed.write_text("[stages.post]\nconcurrency = 64\n", encoding="utf-8")
+        again = subprocess.run([sys.executable, "-c", scripts[0]], cwd=ROOT, capture_output=True,
+                               env={**env, "ORCH_CONFIG": str(changed)}, text=True,
+                               timeout=60)  # fmt: skip
+        assert again.returncode == 0, again.stderr
         first, second, streamed = client.split("Answer:\n", 2)  # three answers, in order
         assert first.endswith("Question: What is JetStream?\n")
         assert second.endswith("Question: And consumers?\n")
