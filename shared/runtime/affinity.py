@@ -43,6 +43,10 @@ from shared.transport.api import ConsumerView, KeyValue, MessageBus, Puller, Sto
 
 log = logging.getLogger(__name__)
 
+HANDOVER_RECONNECT = 1.0
+"""Seconds a leaving instance waits for a connection that is down to come back before it
+leaves without handing its partitions over."""
+
 KV_OPERATION = "KV-Operation"
 GONE_CHECK_WAIT = 1.0
 """Seconds a fetch error waits to learn whether the consumer is gone before pulling again."""
@@ -120,6 +124,11 @@ class Affinity:
         """
         self._leaving = True
         await cancel_and_wait(task for task in (self._task, self._beat_task) if task is not None)
+        if not await self._reachable(HANDOVER_RECONNECT):
+            # Each call would wait out its timeout (some 15 s in all) for nothing.
+            log.warning("%s: the server is unreachable; the other instances take the "
+                        "partitions over after failover_after", self.instance)  # fmt: skip
+            return
         with contextlib.suppress(Exception):
             await self._release(self._name, under_way=under_way)
         if self._kv is not None:
@@ -130,6 +139,15 @@ class Affinity:
         if self.puller is not None:
             with contextlib.suppress(Exception):
                 await self.puller.close()
+
+    async def _reachable(self, within: float) -> bool:
+        """Whether the connection is up, or comes back within `within` seconds."""
+        give_up = time.monotonic() + within
+        while not self._bus.connected:
+            if time.monotonic() > give_up:
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
     @property
     def _key(self) -> str:

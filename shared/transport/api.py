@@ -274,6 +274,11 @@ class MessageBus(Protocol):
         """The largest message (with its headers) the server accepts."""
         ...
 
+    @property
+    def connected(self) -> bool:
+        """Whether the connection is up now (False while it reconnects, and once closed)."""
+        ...
+
     async def publish(
         self, subject: str, data: bytes, *, msg_id: str, headers: Mapping[str, str] | None = None
     ) -> int:

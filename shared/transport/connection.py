@@ -102,8 +102,9 @@ class Bus:
             await self._publisher.stop()
             return
         self.closing = True
-        with contextlib.suppress(nats.errors.Error, TimeoutError):
-            await self._nc.flush(timeout=2)
+        if self._nc.is_connected:  # else a flush only waits out its timeout
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await self._nc.flush(timeout=2)
         await self._publisher.stop()
         if not self._nc.is_connected:
             # Reconnecting: what nats-py buffered meanwhile can reach no server now, and its

@@ -758,6 +758,11 @@ class MemoryBus:
         self.admin = MemoryAdmin(self)
         """Declaring and inspecting streams and consumers."""
 
+    @property
+    def connected(self) -> bool:
+        """Whether the connection is open (an in-memory one never drops)."""
+        return not self.closed
+
     def connect(self) -> "MemoryBus":
         """Another connection to the same server (another process, as the server sees it)."""
         self.check_open()
