@@ -30,6 +30,8 @@ async def serve(settings: Settings, stages: list[str], url: str) -> None:
     topology = Topology(settings)
     metrics = Metrics() if settings.metrics.enabled else None
     group = StageGroup(settings, stages, topology, metrics)  # a broken stage fails here
+    if len(group.instances) == 1:  # its lines among others' (`up --instances`, a collector)
+        tag_logs(group.instances[0])
     async with contextlib.AsyncExitStack() as stack:
         probes = None
         if settings.http.port:  # answering probes from the start: not ready until consuming
@@ -136,6 +138,13 @@ def configure_logging(verbose: bool = False) -> None:
     logging.basicConfig(
         level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+
+
+def tag_logs(tag: str) -> None:
+    """Name `tag` (this process's stage instance) on every line it logs from now on."""
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [{tag}] "
+                                               "%(name)s: %(message)s"))  # fmt: skip
 
 
 def install_event_loop_policy() -> None:

@@ -68,6 +68,8 @@ class StageGroup:
         """Where the stages record their metrics (None: they record none)."""
         self.topology = topology or Topology(settings)
         self.plans = [plan_stage(settings, self.topology.graph, name) for name in stages]
+        self.instances = [instance_id(plan.stage.name, settings.instance) for plan in self.plans]
+        """The instance each stage runs as here."""
         self.runtimes: list[StageRuntime] = []
         """One per stage, once started."""
         self._drain_timeout = settings.drain_timeout
@@ -87,10 +89,10 @@ class StageGroup:
                 self.settings,
                 self.topology,
                 bus,
-                instance_id(plan.stage.name, self.settings.instance),
+                instance,
                 self.metrics,
             )
-            for plan in self.plans
+            for plan, instance in zip(self.plans, self.instances, strict=True)
         ]
         self._tasks = [asyncio.create_task(rt.run(), name=rt.instance) for rt in self.runtimes]
 

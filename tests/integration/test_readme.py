@@ -109,9 +109,9 @@ class Shell:
                 return done
             time.sleep(0.5)
 
-    def said(self) -> str:
-        """The end of what each background command printed, to explain a failure."""
-        return "\n".join(f"--- {command}:\n{log.read_text(errors='replace')[-3000:]}"
+    def said(self, tail: int = 3000) -> str:
+        """The end (`tail` characters) of what each background command printed."""
+        return "\n".join(f"--- {command}:\n{log.read_text(errors='replace')[-tail:]}"
                          for log, (command, _) in zip(sorted(self.logs.glob("bg*.log"),
                                                              key=lambda p: int(p.stem[2:])),
                                                       self.background, strict=False))  # fmt: skip
@@ -174,6 +174,11 @@ def test_scaling_with_affinity(shell, nats_server):
     shown = shell.until(status, all_joined)  # instances join one by one, in any order
     assert shown.returncode == 0, shown.stderr
     assert all_joined(shown), shown.stdout
+    # The processes share one log: each of its lines names the instance that wrote it.
+    said = shell.said(tail=10**7)
+    for stage in stages:
+        tags = set(re.findall(rf"INFO \[({stage}-[^\]]+)\] ", said))
+        assert len(tags) == 3, (stage, tags)
     assert shell.stop()[up] == 0
 
 
