@@ -215,14 +215,9 @@ class Affinity:
             # process, the others' heartbeats are waiting here, not missing.
             while (queued := self._sub.next_nowait()) is not None:
                 changed = self._hear(queued) or changed
-            if (now := time.monotonic()) >= next_check:
-                if now - next_check > beat or not self._bus.connected:
-                    # This process did not run (stopped, starved) or cannot hear: the others'
-                    # heartbeats are unread or undelivered, not missing. Their silence counts
-                    # from now.
-                    self._seen = dict.fromkeys(self._seen, now)
-                next_check = now + beat
-                cutoff = now - self._cfg.failover_after
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + beat
+                cutoff = time.monotonic() - self._cfg.failover_after
                 for other, seen in list(self._seen.items()):
                     if seen < cutoff:
                         log.info("%s: %s fell silent; taking over its share", self.instance, other)
