@@ -87,6 +87,7 @@ class Affinity:
         self._retry = False
         self._consumer_ok = False
         self._leaving = False
+        self._deaf = False  # the connection was down at a check: judge no one until back
         self._force = False
         self._moving = False  # quiescing and recreating the consumer
         self._kv: KeyValue | None = None
@@ -218,6 +219,18 @@ class Affinity:
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + beat
                 cutoff = time.monotonic() - self._cfg.failover_after
+                if not self._bus.connected:  # nothing can be heard: no one is judged
+                    self._deaf = True
+                    continue
+                if self._deaf:  # back: the others' silence counts from now
+                    self._deaf = False
+                    self._seen = dict.fromkeys(self._seen, time.monotonic())
+                if any(seen < cutoff for seen in self._seen.values()):
+                    # Before judging: what the server delivered may still be unread (this
+                    # process was stopped or starved): a round trip, then read it all.
+                    await self._bus.flush()
+                    while (queued := self._sub.next_nowait()) is not None:
+                        changed = self._hear(queued) or changed
                 for other, seen in list(self._seen.items()):
                     if seen < cutoff:
                         log.info("%s: %s fell silent; taking over its share", self.instance, other)

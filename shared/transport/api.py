@@ -279,6 +279,11 @@ class MessageBus(Protocol):
         """Whether the connection is up now (False while it reconnects, and once closed)."""
         ...
 
+    async def flush(self) -> None:
+        """A round trip to the server: once it returns, what the server sent before is in
+        the subscriptions' queues. Never raises (a connection in trouble just returns)."""
+        ...
+
     async def publish(
         self, subject: str, data: bytes, *, msg_id: str, headers: Mapping[str, str] | None = None
     ) -> int:

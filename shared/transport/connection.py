@@ -96,6 +96,14 @@ class Bus:
         url = self._nc.connected_url
         return url.geturl() if url else ""
 
+    async def flush(self) -> None:
+        """A round trip to the server: once it returns, what the server sent before is in
+        the subscriptions' queues. Never raises (a connection in trouble just returns)."""
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            await self._nc.flush(timeout=2)
+        # nats-py hands messages to subscription callbacks from a task of its own.
+        await asyncio.sleep(0.01)
+
     async def close(self) -> None:
         """Flush what is buffered and close the connection."""
         if self._nc.is_closed:

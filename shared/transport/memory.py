@@ -763,6 +763,9 @@ class MemoryBus:
         """Whether the connection is open (an in-memory one never drops)."""
         return not self.closed
 
+    async def flush(self) -> None:
+        """Nothing to wait for: a publish reaches the subscriptions' queues at once."""
+
     def connect(self) -> "MemoryBus":
         """Another connection to the same server (another process, as the server sees it)."""
         self.check_open()

@@ -216,3 +216,28 @@ def test_a_second_live_process_with_the_same_name_is_refused(nats_server, tmp_pa
         assert first.proc is not None and first.proc.poll() is None  # left alone
     finally:
         assert first.stop() == 0
+
+
+async def test_an_instance_stopped_for_a_while_does_not_judge_the_others_silent(
+    nats_server, mesh, tmp_path
+):
+    env, _ = mesh(**FAST_FAILOVER)
+    extra = StageProcess("inference", env, tmp_path, name="inference-2")
+    settings = settings_for(env)
+    try:
+        await wait_until_consuming(nats_server.url, settings)
+        before = await wait_for_owners(nats_server.url, settings, 2)
+        [stopped] = [i for i in before if f"-{extra.proc.pid}-" in i]
+        [running] = [i for i in before if i != stopped]
+        extra.signal(signal.SIGSTOP)  # past failover_after (2 s): the other takes over
+        await asyncio.sleep(4)
+        extra.signal(signal.SIGCONT)
+        await wait_for_owners(nats_server.url, settings, 2)
+    finally:
+        [code] = stop_all([extra])
+    assert code == 0
+    said_by_running = (tmp_path / "inference-1.log").read_text()
+    said_by_stopped = (tmp_path / "inference-2-1.log").read_text()
+    assert f"{stopped} fell silent" in said_by_running
+    # Woken up, the stopped one finds the other's heartbeats unread, not missing.
+    assert f"{running} fell silent" not in said_by_stopped, said_by_stopped[-3000:]
