@@ -105,8 +105,8 @@ async def read_status(
                 instances=members.get(stage.name, {}),
             )
         )
-    stage_prefix = topology.dlq_subject("", "")[:-1]  # <prefix>.dlq.
-    seen = set(members) | {s[len(stage_prefix) :].split(".", 1)[0] for s in per_subject}
+    # Dead-letter subjects are <prefix>.dlq.<stage>.<reason>.
+    seen = set(members) | {subject.rsplit(".", 2)[-2] for subject in per_subject}
     return Status(account(snapshot), rows, sorted(seen - set(topology.graph.names)))
 
 

@@ -132,19 +132,20 @@ def check_health(path: Path, max_age: float = HEALTH_STALE) -> bool:
         return False
 
 
+def _log_format(tag: str = "") -> str:
+    return f"%(asctime)s %(levelname)s {f'[{tag}] ' if tag else ''}%(name)s: %(message)s"
+
+
 def configure_logging(verbose: bool = False) -> None:
     """Plain logs on stderr; the level comes from -v or $ORCH_LOG_LEVEL."""
     level = "DEBUG" if verbose else os.environ.get("ORCH_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=level, stream=sys.stderr, format=_log_format())
 
 
 def tag_logs(tag: str) -> None:
     """Name `tag` (this process's stage instance) on every line it logs from now on."""
     for handler in logging.getLogger().handlers:
-        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [{tag}] "
-                                               "%(name)s: %(message)s"))  # fmt: skip
+        handler.setFormatter(logging.Formatter(_log_format(tag)))
 
 
 def install_event_loop_policy() -> None:

@@ -2,6 +2,7 @@
 options checked. Nothing is set up yet; the runtime does that when it starts."""
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from shared.components import Prepared, prepare
@@ -23,7 +24,7 @@ class StagePlan:
 def plan_stage(settings: Settings, graph: Graph, name: str) -> StagePlan:
     """Find the factories of stage `name` and check their options; ConfigError if any fails."""
     stage = graph[name]
-    search = [settings.source.resolve().parent] if settings.source else []
+    search = _search_path(settings)
     problems: list[Problem] = []
     handler = None
     try:
@@ -48,7 +49,7 @@ def plan_stage(settings: Settings, graph: Graph, name: str) -> StagePlan:
 def plan_problems(settings: Settings) -> list[Problem]:
     """Every problem finding or configuring the enabled stages' handlers and the middleware
     (each counted once); the graph need not be valid, so these show beside its problems."""
-    search = [settings.source.resolve().parent] if settings.source else []
+    search = _search_path(settings)
     problems: list[Problem] = []
 
     def check(reference: str, kind: str, options: dict[str, Any], key: str) -> None:
@@ -63,3 +64,8 @@ def plan_problems(settings: Settings) -> list[Problem]:
     for i, mw in enumerate(settings.middleware):
         check(mw.factory, "middleware", mw.options, f"middleware[{i}]")
     return problems
+
+
+def _search_path(settings: Settings) -> list[Path]:
+    """Where factories are looked for besides sys.path: beside the pipeline file."""
+    return [settings.source.resolve().parent] if settings.source else []

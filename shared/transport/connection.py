@@ -111,8 +111,7 @@ class Bus:
             return
         self.closing = True
         if self._nc.is_connected:  # else a flush only waits out its timeout
-            with contextlib.suppress(nats.errors.Error, TimeoutError):
-                await self._nc.flush(timeout=2)
+            await self.flush()
         await self._publisher.stop()
         if not self._nc.is_connected:
             # Reconnecting: what nats-py buffered meanwhile can reach no server now, and its
