@@ -43,8 +43,15 @@ def test_quick_bench_reports_every_measure(tmp_path):
                               "project (5 processes)"}  # fmt: skip
     for s in saturated.values():
         assert s["completed"] + s["dead_lettered"] == s["requests"] and s["goodput"] > 0
-    for key in ("goodput_vs_raw_batch", "goodput_vs_raw_async", "dead_lettered_at_saturation"):
-        assert key in report["ratios"]
+    for key in ("goodput_vs_raw_batch", "goodput_vs_raw_async", "dead_lettered_at_saturation",
+                "goodput_vs_raw_batch_median", "p99_vs_raw_at_half_median"):  # fmt: skip
+        assert report["ratios"][key] >= 0
+    for key in ("goodput_vs_raw_batch_by_round", "p99_vs_raw_at_half_by_round"):
+        assert len(report["ratios"][key]) == 1 and report["ratios"][key][0] > 0
+    # The tail at half of raw's max: one round of each in --quick, a latency each.
+    assert sorted(t["config"] for t in report["tail"]) == sorted(names[:2])
+    for t in report["tail"]:
+        assert 0 < t["p50"] <= t["p99"] <= t["max"]
 
 
 def test_light_load_bench_reports_latency_and_cpu_per_request(tmp_path):
