@@ -9,6 +9,7 @@ JSON.
 """
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -378,19 +379,31 @@ async def watch(
     interval: float,
     show: Callable[[Frame], None],
     trouble: Callable[[str], None],
+    stop: asyncio.Event | None = None,
 ) -> None:
-    """Sample every `interval` seconds and `show` each frame, until cancelled. A sample that
-    fails after the first is reported to `trouble` and tried again at the next refresh."""
+    """Sample every `interval` seconds and `show` each frame, until `stop` is set (or the
+    task is cancelled). A sample that fails after the first is reported to `trouble` and
+    tried again at the next refresh; once `stop` is set nothing more is shown or reported."""
+    stop = stop or asyncio.Event()
     previous: Sample | None = None
-    while True:
+    while not stop.is_set():
         started = time.monotonic()
         try:
             current = await collect(bus, topology, service)
         except (BusError, TimeoutError) as exc:
+            # Stopped meanwhile, the connection may be closing under the request: that is
+            # no trouble to report. (A cancellation alone may be lost: Python 3.11's
+            # wait_for, which nats-py's requests use, drops one that meets a reply.)
+            if stop.is_set():
+                return
             if previous is None:
                 raise
             trouble(f"cannot read the pipeline's state ({exc}); trying again")
         else:
+            if stop.is_set():
+                return
             show(between(previous, current))
             previous = current
-        await asyncio.sleep(max(0.0, started + interval - time.monotonic()))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, started + interval - time.monotonic())):
+                await stop.wait()

@@ -278,10 +278,11 @@ def _trouble(message: str) -> None:
 async def run_watch(args: argparse.Namespace, topology: Topology, bus: Bus) -> int:
     """`orchestrator status --watch`: refresh until Ctrl-C, then exit 0."""
     interval = WATCH_INTERVAL if args.interval is None else args.interval
-    task = asyncio.create_task(
-        watch(bus, topology, SERVICE, interval, _show(args.json, sys.stdout), _trouble)
-    )
     interrupted = asyncio.Event()
+    show = _show(args.json, sys.stdout)
+    task = asyncio.create_task(
+        watch(bus, topology, SERVICE, interval, show, _trouble, stop=interrupted)
+    )
     loop = asyncio.get_running_loop()
     # Ctrl-C is how a watch ends, not an error: stop the task rather than have asyncio.run
     # turn the signal into KeyboardInterrupt (exit 130).

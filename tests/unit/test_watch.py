@@ -1,7 +1,15 @@
-"""The pure parts of `status --watch`: figures between two samples, and the table."""
+"""The pure parts of `status --watch`: figures between two samples, the table, and when the
+refresh loop reports trouble."""
 
+import asyncio
+from typing import Any
+
+import pytest
+
+import shared.watch
 from shared.accounting import Accounts
 from shared.app.load import load
+from shared.errors import BusError
 from shared.status import StageStatus, Status
 from shared.topology import Topology
 from shared.transport.api import ConsumerState, ConsumerView
@@ -19,6 +27,7 @@ from shared.watch import (
     instances,
     render,
     reports,
+    watch,
 )
 
 BOUNDS: tuple[float | str, ...] = (0.001, 0.01, 0.1, "+Inf")
@@ -156,3 +165,49 @@ def test_replies_of_other_pipelines_are_left_out_and_silent_consumers_kept():
     assert rag.histograms[HANDLER] == ((0.001, 1.0), ("+Inf", 2.0))
     assert (old.instance, old.partitions, old.answered, old.messages) == ("rag-old", (7,), False,
                                                                           None)  # fmt: skip
+
+
+def refreshes(monkeypatch: pytest.MonkeyPatch, *steps: object) -> None:
+    """Make the watch's samples `steps` in turn: a Sample is returned, an exception raised,
+    an Event set (then the next step follows in the same refresh)."""
+    todo = list(steps)
+
+    async def collect(bus: object, topology: object, service: str) -> Sample:
+        while isinstance(todo[0], asyncio.Event):
+            todo.pop(0).set()
+        step = todo.pop(0)
+        if isinstance(step, Exception):
+            raise step
+        assert isinstance(step, Sample)
+        return step
+
+    monkeypatch.setattr(shared.watch, "collect", collect)
+
+
+async def watched(stop: asyncio.Event) -> tuple[list[object], list[str]]:
+    """Run the refresh loop until `stop`; what it showed and what trouble it reported."""
+    shown: list[object] = []
+    troubles: list[str] = []
+    bus: Any = None  # never used: the samples come from `refreshes`
+    loop = watch(bus, Topology(load()), "svc", 0.01, shown.append, troubles.append, stop=stop)
+    await asyncio.wait_for(loop, 5)
+    return shown, troubles
+
+
+async def test_a_refresh_that_fails_while_watching_is_reported_and_the_watch_goes_on(monkeypatch):
+    stop = asyncio.Event()
+    refreshes(monkeypatch, sample(0.0), BusError("no responders"), stop, sample(1.0))
+    shown, troubles = await watched(stop)
+    assert troubles == ["cannot read the pipeline's state (no responders); trying again"]
+    assert len(shown) == 1  # the sample taken after the stop is not shown
+
+
+async def test_a_refresh_cut_off_by_the_stop_is_not_reported(monkeypatch):
+    # Ctrl-C while a refresh waits for its replies, then the connection closes under it (or
+    # the cancellation was lost and the next refresh meets the closed connection).
+    stop = asyncio.Event()
+    closed = BusError("list consumers of ORCH_INTAKE: ConnectionClosedError()")
+    refreshes(monkeypatch, sample(0.0), stop, closed)
+    shown, troubles = await watched(stop)
+    assert troubles == []
+    assert len(shown) == 1
