@@ -189,8 +189,8 @@ async def watched(stop: asyncio.Event) -> tuple[list[object], list[str]]:
     shown: list[object] = []
     troubles: list[str] = []
     bus: Any = None  # never used: the samples come from `refreshes`
-    loop = watch(bus, Topology(load()), "svc", 0.01, shown.append, troubles.append, stop=stop)
-    await asyncio.wait_for(loop, 5)
+    refreshing = watch(bus, Topology(load()), "svc", 0.01, shown.append, troubles.append, stop=stop)
+    await asyncio.wait_for(refreshing, 5)
     return shown, troubles
 
 
