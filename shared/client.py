@@ -22,6 +22,7 @@ from shared.envelope import (
     decode_answer,
     encode,
     new_request,
+    validated,
 )
 from shared.errors import (
     BusError,
@@ -126,8 +127,10 @@ class Client:
 
         While the intake stream does not exist yet (the stages are still starting), keep
         trying for up to `wait` seconds (default: `publish_timeout`), then raise NoSuchStream.
+        Raises InvalidMessage, and sends nothing, when a field breaks the protocol (a request
+        built in Python is checked here, not when it is built).
         """
-        await self._submit(envelope, wait)
+        await self._submit(validated(envelope, Request), wait)
         return envelope.request_id
 
     async def _submit(self, envelope: Request, wait: float | None) -> bool:

@@ -9,9 +9,10 @@ docs/PROTOCOL.md lists the names the built-in stages use.
 from collections.abc import Iterable, Mapping
 from typing import Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+import msgspec
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from shared.envelope import Envelope, Usage
+from shared.envelope import Envelope, Usage, describe_error
 from shared.failure import Reject
 
 T = TypeVar("T")
@@ -24,10 +25,11 @@ class DataKey(Generic[T]):
     def __init__(self, name: str, kind: Any, meaning: str = "") -> None:
         self.name = name
         self.meaning = meaning
-        # A model brings its own (strict) config; anything else is checked strictly here.
+        self._kind = kind
+        # A pydantic model is checked by pydantic, with its own config; any other type (a
+        # msgspec struct, a list of str) by msgspec, strictly: "1" is not 1.
         model = isinstance(kind, type) and issubclass(kind, BaseModel)
-        config = None if model else ConfigDict(strict=True)
-        self._adapter: TypeAdapter[T] = TypeAdapter(kind, config=config)
+        self._adapter: TypeAdapter[T] | None = TypeAdapter(kind) if model else None
 
     def read(self, envelope: Envelope, default: T = _MISSING) -> T:
         """The value, checked against the type; Reject when it is missing (without a default)
@@ -37,6 +39,12 @@ class DataKey(Generic[T]):
             if default is not _MISSING:
                 return default
             raise Reject(f"data.{self.name} is missing ({self.meaning or 'no stage set it'})")
+        if self._adapter is None:
+            try:
+                value: T = msgspec.convert(raw, self._kind)
+            except msgspec.ValidationError as exc:
+                raise Reject(describe_error(exc, root=f"data.{self.name}")) from None
+            return value
         try:
             return self._adapter.validate_python(raw)
         except ValidationError as exc:
@@ -48,7 +56,7 @@ class DataKey(Generic[T]):
 
         Not checked here (readers check what they read): writing is on every stage's path.
         """
-        return envelope.model_copy(update={"data": {**envelope.data, self.name: _stored(value)}})
+        return msgspec.structs.replace(envelope, data={**envelope.data, self.name: _stored(value)})
 
 
 def write_all(
@@ -62,10 +70,14 @@ def write_all(
     data = {**envelope.data, **{key.name: _stored(value) for key, value in values.items()}}
     for key in drop:
         data.pop(key.name, None)
-    return envelope.model_copy(update={"data": data})
+    return msgspec.structs.replace(envelope, data=data)
 
 
 def _stored(value: Any) -> Any:
+    # Plain JSON values, as a decoded envelope holds them: what a later stage reads is alike
+    # whether the value came over the wire or from the same process.
+    if isinstance(value, msgspec.Struct):
+        return msgspec.to_builtins(value)
     return value.model_dump() if isinstance(value, BaseModel) else value
 
 

@@ -1,9 +1,12 @@
-"""The messages on the wire: pydantic models, JSON via orjson, versioned by a `"v"` field.
+"""The messages on the wire: msgspec structs, JSON, versioned by a `"v"` field.
 
 A client publishes a `Request`. Between stages it travels as an `Envelope`: the request's
 fields, a `data` section where stages leave what later stages read (by name: shared.data),
 and the `hops` the runtime appends, one per stage. A last stage turns the envelope into a
 `Result`. JSON Schemas of these models are under docs/schema/.
+
+Structs check their fields when they are decoded (`decode`) or converted (`validated`), not
+when Python code builds them: a stage builds its output from values it has already checked.
 """
 
 import re
@@ -11,9 +14,9 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, TypeVar
 
+import msgspec
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic_core import PydanticSerializationError
+from msgspec import Meta
 
 from shared.errors import InvalidMessage
 
@@ -23,24 +26,25 @@ _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 SESSION_ID_MAX = 1024
 
 MetaValue = str | int | float | bool | None
-Metadata = Annotated[dict[str, MetaValue], Field(max_length=64)]
+Metadata = Annotated[dict[str, MetaValue], Meta(max_length=64)]
+RequestId = Annotated[str, Meta(pattern=REQUEST_ID_PATTERN)]
 
 
-def _v_is_required(schema: dict[str, Any], model: type[BaseModel]) -> None:
-    # Python fills `v` in; on the wire it is required (decode refuses a message without it).
-    if "v" in model.model_fields:
-        schema["required"] = ["v", *schema.get("required", [])]
+class _Part(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    # Unknown fields are an error, not silently dropped; types are strict ("1" is not 1).
+    pass
 
 
-class _Wire(BaseModel):
-    # strict: "1" is not 1 and 1 is not "1"; unknown fields are an error, not silently dropped.
-    model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra=_v_is_required)
+class _Wire(_Part, kw_only=True, tag_field="v", tag=ENVELOPE_VERSION):
+    # A message of its own: `"v": 1` is written first in every one (decode counts on that).
+    pass
 
 
-M = TypeVar("M", bound=_Wire)
+M = TypeVar("M", bound=_Part)
+W = TypeVar("W", bound=_Wire)
 
 
-class Hop(_Wire):
+class Hop(_Part, kw_only=True):
     """One stage's handling of a request: who handled it and when (unix seconds)."""
 
     stage: str
@@ -49,27 +53,29 @@ class Hop(_Wire):
     done: float
 
 
-class Request(_Wire):
+# Fields at their defaults are left out of a request's JSON: a stage of an earlier release,
+# which refuses fields it does not know, still accepts a request that does not use a newer one
+# (`stream`, say), so mixed versions work during a rolling upgrade.
+class Request(_Wire, kw_only=True, omit_defaults=True):
     """A request as a client sends it."""
 
-    v: Literal[1] = ENVELOPE_VERSION
-    request_id: str = Field(pattern=REQUEST_ID_PATTERN)
-    session_id: str = Field(min_length=1, max_length=SESSION_ID_MAX)
+    request_id: RequestId
+    session_id: Annotated[str, Meta(min_length=1, max_length=SESSION_ID_MAX)]
     input: str
-    metadata: Metadata = Field(default_factory=dict)
+    metadata: Metadata = {}
     created_at: float
     deadline: float | None = None
     stream: bool = False
     """Publish the answer's tokens as they are generated, to `<prefix>.tokens.<request_id>`."""
 
 
-class Envelope(Request):
+class Envelope(Request, kw_only=True, omit_defaults=True):
     """A request as it travels between stages."""
 
-    data: dict[str, Any] = Field(default_factory=dict, max_length=64)
+    data: Annotated[dict[str, Any], Meta(max_length=64)] = {}
     """What stages leave for later stages, by name (shared.data lists the built-in ones).
     Values are any JSON; a stage that adds one changes no schema."""
-    hops: list[Hop] = Field(default_factory=list)
+    hops: list[Hop] = []
 
     def with_data(self, **values: Any) -> "Envelope":
         """A copy with `values` set in `data` (None removes a key)."""
@@ -77,10 +83,10 @@ class Envelope(Request):
         for key, value in values.items():
             if value is None:
                 del data[key]
-        return self.model_copy(update={"data": data})
+        return msgspec.structs.replace(self, data=data)
 
 
-class Usage(_Wire):
+class Usage(_Part, kw_only=True):
     """Which model answered a request, and what it took."""
 
     model: str
@@ -97,22 +103,21 @@ class Usage(_Wire):
     """Completion tokens per second after the first one."""
 
 
-class Result(_Wire):
+class Result(_Wire, kw_only=True):
     """The final answer to a request, as stored in the results stream."""
 
-    v: Literal[1] = ENVELOPE_VERSION
-    request_id: str = Field(pattern=REQUEST_ID_PATTERN)
+    request_id: RequestId
     session_id: str
     output: str
-    metadata: Metadata = Field(default_factory=dict)
+    metadata: Metadata = {}
     created_at: float
     completed_at: float
-    hops: list[Hop] = Field(default_factory=list)
+    hops: list[Hop] = []
     usage: Usage | None = None
     """Set when a model answered (the inference stage records it)."""
 
 
-class DeadLettered(_Wire):
+class DeadLettered(_Wire, kw_only=True):
     """How a request ended when it did not complete: stored where its result would be.
 
     A stage that dead-letters a request whose id it could read publishes this to the
@@ -120,15 +125,14 @@ class DeadLettered(_Wire):
     completes replaces it with the result (one message per result subject).
     """
 
-    v: Literal[1] = ENVELOPE_VERSION
-    request_id: str = Field(pattern=REQUEST_ID_PATTERN)
+    request_id: RequestId
     session_id: str | None = None
     status: Literal["backpressure", "expired", "invalid", "failed"]
     """The dead-letter reason."""
     stage: str
     """The stage that dead-lettered it."""
     error: str
-    dead_letter_seq: int = Field(ge=1)
+    dead_letter_seq: Annotated[int, Meta(ge=1)]
     """The dead-letter entry's sequence: `orchestrator dlq show <seq>`."""
     at: float
     """When (unix seconds)."""
@@ -149,48 +153,62 @@ def new_request(
     stream: bool = False,
 ) -> Request:
     """Build a validated request, generating the request id when none is given."""
+    fields = {
+        "request_id": request_id or new_request_id(),
+        "session_id": session_id,
+        "input": text,
+        "metadata": metadata or {},
+        "created_at": time.time(),
+        "deadline": deadline,
+        "stream": stream,
+    }
+    return validated(fields, Request)
+
+
+def validated(value: Any, model: type[M]) -> M:
+    """`value` (a dict, or a struct) checked and converted to `model`; InvalidMessage with the
+    problem when it does not fit."""
+    if isinstance(value, msgspec.Struct):
+        value = msgspec.to_builtins(value)
     try:
-        return Request(
-            request_id=request_id or new_request_id(),
-            session_id=session_id,
-            input=text,
-            metadata=metadata or {},
-            created_at=time.time(),
-            deadline=deadline,
-            stream=stream,
-        )
-    except ValidationError as exc:
-        raise InvalidMessage(describe_validation_error(exc)) from None
+        return msgspec.convert(value, model)
+    except msgspec.ValidationError as exc:
+        raise InvalidMessage(describe_error(exc)) from None
 
 
-ADDED_FIELDS = {"stream": False}
-"""Fields added to version 1 after its first release, with their defaults. While a field holds
-its default it is left out of the JSON, so stages of an earlier release (which refuse unknown
-fields) still accept the message: mixed versions work during a rolling upgrade."""
+_ENCODER = msgspec.json.Encoder()
+_DECODERS: dict[type[Any], "msgspec.json.Decoder[Any]"] = {}
+_VERSIONED = b'{"v":1,'  # how every message `encode` writes starts
 
 
-_ADDED = tuple(ADDED_FIELDS.items())
-
-
-def encode(model: BaseModel) -> bytes:
+def encode(model: msgspec.Struct) -> bytes:
     """Serialise a wire model to compact JSON bytes; TypeError for a value JSON cannot carry
     (in `data`, say)."""
-    # The serializer itself, straight to JSON: model_dump's wrapper, and a dict for orjson to
-    # write, cost more than the work on a stage's small messages. The bytes are orjson's.
-    left_out = None  # a plain loop: a comprehension here costs more than the check itself
-    for key, default in _ADDED:
-        if getattr(model, key, None) is default:
-            left_out = {key} if left_out is None else {*left_out, key}
     try:
-        return model.__pydantic_serializer__.to_json(model, exclude=left_out)
-    except PydanticSerializationError as exc:
+        return _ENCODER.encode(model)
+    except (TypeError, msgspec.EncodeError) as exc:
         raise TypeError(f"not JSON: {exc}") from None
 
 
-def decode(data: bytes, model: type[M], max_bytes: int) -> M:
+def decode(data: bytes, model: type[W], max_bytes: int) -> W:
     """Parse `data` into `model`, raising InvalidMessage with a precise reason on any fault."""
     if len(data) > max_bytes:
         raise InvalidMessage(f"message is {len(data)} bytes, over the limit of {max_bytes}")
+    if data[:7] == _VERSIONED:
+        # Written by `encode` (or alike): one pass parses and checks it. msgspec takes a
+        # missing tag for the default, so only a message that starts with it comes this way.
+        decoder = _DECODERS.get(model)
+        if decoder is None:
+            decoder = _DECODERS[model] = msgspec.json.Decoder(model)
+        try:
+            return decoder.decode(data)
+        except msgspec.MsgspecError:
+            pass  # the slower path below says precisely what is wrong
+    return _decode_checked(data, model)
+
+
+def _decode_checked(data: bytes, model: type[W]) -> W:
+    """`decode` for any JSON object (keys in any order, spaces), naming the first fault."""
     try:
         raw: Any = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
@@ -204,10 +222,7 @@ def decode(data: bytes, model: type[M], max_bytes: int) -> M:
         raise InvalidMessage(
             f"v: unsupported envelope version {version!r}; this stage speaks {ENVELOPE_VERSION}"
         )
-    try:
-        return model.__pydantic_validator__.validate_python(raw)  # model_validate, less a frame
-    except ValidationError as exc:
-        raise InvalidMessage(describe_validation_error(exc)) from None
+    return validated(raw, model)
 
 
 def decode_answer(data: bytes, max_bytes: int) -> "Result | DeadLettered":
@@ -238,13 +253,25 @@ def peek_ids(data: bytes) -> tuple[str | None, str | None]:
     return (rid if well_formed else None), (sid if sid_ok else None)
 
 
-def describe_validation_error(exc: ValidationError, limit: int = 5) -> str:
-    """Render pydantic errors as `field: problem` pairs, short enough for a header."""
-    parts = []
-    for err in exc.errors()[:limit]:
-        where = ".".join(str(p) for p in err["loc"]) or "(message)"
-        parts.append(f"{where}: {err['msg']}")
-    more = exc.error_count() - limit
-    if more > 0:
-        parts.append(f"and {more} more")
-    return "; ".join(parts)
+_WHERE = re.compile(r"(?P<problem>.*?)(?: - at `\$\.?(?P<path>[^`]*)`)?", re.DOTALL)
+_FIELD = re.compile(r"Object (?P<what>contains unknown|missing required) field `(?P<name>.*)`")
+
+
+def describe_error(exc: msgspec.ValidationError, root: str = "") -> str:
+    """Render a validation error as `field: problem`, short enough for a header; `root` names
+    where the checked value sits."""
+    found = _WHERE.fullmatch(str(exc))
+    assert found is not None  # the pattern matches any text
+    problem, path = found["problem"], found["path"] or ""
+    field = _FIELD.fullmatch(problem)
+    if field is not None:
+        path = f"{path}.{field['name']}" if path else field["name"]
+        problem = "unknown field" if field["what"] == "contains unknown" else "missing"
+    if root:
+        path = f"{root}{path}" if path.startswith("[") or not path else f"{root}.{path}"
+    return f"{path or '(message)'}: {problem[:1].lower()}{problem[1:]}"
+
+
+def as_json(model: msgspec.Struct) -> str:
+    """The model as indented JSON text, for people to read."""
+    return msgspec.json.format(encode(model), indent=2).decode()

@@ -4,11 +4,11 @@ import json
 import sys
 from pathlib import Path
 
-from pydantic import BaseModel
+import msgspec
 
 from shared.envelope import DeadLettered, Envelope, Request, Result
 
-MODELS: dict[str, type[BaseModel]] = {
+MODELS: dict[str, type[msgspec.Struct]] = {
     "request": Request,
     "envelope": Envelope,
     "result": Result,
@@ -17,9 +17,13 @@ MODELS: dict[str, type[BaseModel]] = {
 SCHEMA_DIR = Path(__file__).parents[1] / "docs" / "schema"
 
 
-def render(model: type[BaseModel]) -> str:
+def render(model: type[msgspec.Struct]) -> str:
     """The JSON Schema of `model`, as the text stored in docs/schema/."""
-    schema = model.model_json_schema()
+    found = msgspec.json.schema(model)  # {"$ref": to the model, "$defs": it and its parts}
+    defs = found["$defs"]
+    schema = defs.pop(model.__name__)
+    if defs:
+        schema["$defs"] = defs
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     return json.dumps(schema, indent=2, sort_keys=True) + "\n"
 

@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
+import msgspec
 from pydantic import Field, model_validator
 
 from shared.data import COMPLETION, PROMPT, USAGE, write_all
@@ -110,7 +111,8 @@ def _usage(answered: Answered, started: float, first: float | None) -> dict[str,
     """The usage the worker reported, with which model answered and how fast, as stored in
     `data.usage` (a Usage's fields; readers check them)."""
     ended = time.monotonic()
-    fields = {**answered.usage.__dict__, "pool": answered.pool, "fallback": answered.fallback}
+    fields = msgspec.structs.asdict(answered.usage)
+    fields.update(pool=answered.pool, fallback=answered.fallback)
     if first is not None:
         fields["ttft_ms"] = round((first - started) * 1000, 3)
         tokens = answered.usage.completion_tokens

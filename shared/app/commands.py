@@ -17,7 +17,7 @@ import orjson
 from shared.app.natsserver import EmbeddedNats, port_is_free
 from shared.app.process import check_health, serve
 from shared.client import Client
-from shared.envelope import Result
+from shared.envelope import Result, as_json
 from shared.errors import ConfigError, RequestDeadLettered, ResultTimeout
 from shared.runtime.group import declare
 from shared.settings import Settings
@@ -198,7 +198,7 @@ async def ask(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         await client.close()
     if args.json:
-        print(answer.model_dump_json(indent=2))
+        print(as_json(answer))
     elif not args.stream:
         print(answer.output)
     return 0
@@ -251,8 +251,7 @@ async def result(args: argparse.Namespace, settings: Settings) -> int:
         return _dead_lettered(exc, args.json)
     finally:
         await client.close()
-    print(orjson.dumps(found.model_dump(), option=orjson.OPT_INDENT_2).decode()
-          if args.json else found.output)  # fmt: skip
+    print(as_json(found) if args.json else found.output)
     return 0
 
 

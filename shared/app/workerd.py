@@ -17,6 +17,7 @@ import logging
 import signal
 from collections.abc import Mapping
 
+import msgspec
 import orjson
 
 from shared import __version__
@@ -128,7 +129,8 @@ async def answer(
                 usage = item
             else:
                 await send(text=item)
-        await send(done=True, usage=(usage or Usage(model=type(worker).__name__)).model_dump())
+        usage = usage or Usage(model=type(worker).__name__)
+        await send(done=True, usage=msgspec.to_builtins(usage))
     except ModelRefused as exc:
         await send(error=str(exc), permanent=True)
     except (orjson.JSONDecodeError, KeyError, TypeError) as exc:

@@ -21,6 +21,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from typing import Any, TypeVar
 
+import msgspec
+
 from shared import deadletter
 from shared.components import Context, open_component
 from shared.envelope import (
@@ -716,10 +718,8 @@ class StageRuntime:
             try:
                 told = await self._held(partial(self._tell, outcome), "storing the outcome")
             except MessageTooLarge:  # at a small max_message_bytes: the entry has it all
-                short = {"session_id": None, "error": outcome.error[:200]}
-                told = await self._held(
-                    partial(self._tell, outcome.model_copy(update=short)), "storing the outcome"
-                )
+                short = msgspec.structs.replace(outcome, session_id=None, error=outcome.error[:200])
+                told = await self._held(partial(self._tell, short), "storing the outcome")
             if told is None:
                 await delivery.nak()
                 return False

@@ -16,8 +16,8 @@ from typing import Any, Literal, Protocol
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.envelope import Usage
-from shared.errors import BusError
+from shared.envelope import Usage, validated
+from shared.errors import BusError, InvalidMessage
 from shared.transport.api import StoredMessage
 from shared.workers.errors import ModelRefused, ModelUnavailable
 
@@ -105,7 +105,11 @@ class RemoteWorker:
                     wait = o.idle_timeout
                     yield str(reply["text"])
                 elif reply.get("done"):
-                    yield Usage.model_validate(reply.get("usage") or {"model": o.model})
+                    try:
+                        usage = validated(reply.get("usage") or {"model": o.model}, Usage)
+                    except InvalidMessage as exc:  # the worker's fault, not the request's
+                        raise ModelUnavailable(f"{self!r}: malformed usage: {exc}") from None
+                    yield usage
                     return
         finally:
             await replies.aclose()  # type: ignore[attr-defined]

@@ -115,7 +115,8 @@ def test_a_closed_pipe_ends_the_command_quietly(nats_server, command):
 
 async def test_a_request_over_the_limit_is_refused_before_it_is_published(nats_server):
     from shared.client import Client
-    from shared.errors import MessageTooLarge
+    from shared.envelope import Request
+    from shared.errors import InvalidMessage, MessageTooLarge
     from shared.runtime.group import declare
     from shared.topology import INTAKE, Topology
     from shared.transport.connection import Bus
@@ -129,6 +130,10 @@ async def test_a_request_over_the_limit_is_refused_before_it_is_published(nats_s
         try:
             with pytest.raises(MessageTooLarge, match="over the pipeline's max_message_bytes"):
                 await client.publish("x" * 300_000, "big")
+            # A request built in Python is checked when it is published, not when it is built.
+            built = Request(request_id="with.dots", session_id="s", input="x", created_at=1.0)
+            with pytest.raises(InvalidMessage, match="request_id: expected `str` matching"):
+                await client.publish_request(built)
         finally:
             await client.close()
         intake = await bus.admin.stream_state(topology.stream_name(INTAKE))

@@ -39,7 +39,7 @@ PARTITIONS = 4
 TIMEOUT = 45.0
 STAGE_OF = {("intake" if name == STAGE_NAMES[0] else name): name for name in STAGE_NAMES}
 CHANNELS = sorted(STAGE_OF)
-FIELDS = list(Envelope.model_fields)
+FIELDS = ["v", *Envelope.__struct_fields__]
 STRING_FIELDS = ["request_id", "session_id", "input"]
 MARK = "\u2603BAD-UTF8\u2603"
 

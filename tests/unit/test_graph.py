@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from shared.app.load import load
@@ -44,9 +45,9 @@ def test_a_sixth_stage_and_a_branch_are_ordered_and_routed(tmp_path):
     route = graph["inference"].route
     request = Envelope(request_id="r", session_id="s", input="x", created_at=0.0)
     assert route(request) == "post"
-    tagged = request.model_copy(update={"metadata": {"task": "translate"}})
+    tagged = msgspec.structs.replace(request, metadata={"task": "translate"})
     assert route(tagged) == "translate"
-    other = request.model_copy(update={"metadata": {"task": "summarise"}})
+    other = msgspec.structs.replace(request, metadata={"task": "summarise"})
     assert route(other) == "post"
     assert "inference -[metadata.task=translate]-> translate" in graph.describe()
 
@@ -57,7 +58,7 @@ def test_route_values_compare_as_json(tmp_path):
     base = Envelope(request_id="r", session_id="s", input="x", created_at=0.0)
     for value, expected in ((1, "translate"), ("one", "translate"), (1.0, "translate"),
                             (True, "post"), ("1", "post")):  # fmt: skip
-        env = base.model_copy(update={"metadata": {"task": value}})
+        env = msgspec.structs.replace(base, metadata={"task": value})
         assert route(env) == expected, value
     by_data = graph_of(tmp_path, EXTRA.replace("metadata.task", "data.lang"))["inference"].route
     assert by_data(base.with_data(lang="translate")) == "translate"

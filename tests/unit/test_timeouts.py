@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 
+import msgspec
 import pytest
 
 from shared.envelope import Envelope, new_request
@@ -12,7 +13,7 @@ from shared.runtime.timeouts import Timeouts
 
 
 def a_call() -> Call:
-    request = Envelope.model_validate(new_request("hi", "s").model_dump())
+    request = Envelope(**msgspec.structs.asdict(new_request("hi", "s")))
     return Call("inference", "i-1", request, 1, "orch.inference.0", {}, 0.0)
 
 
