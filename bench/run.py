@@ -503,19 +503,26 @@ def _faststream_available() -> bool:
 
 
 def scaling_limit(curve: list[Measurement], cores: int) -> str:
-    """What limits the scaling curve (1, 2, 4 instances of one stage), from the cores busy."""
+    """What limits the scaling curve (1, 2, 4 instances of one stage), from the cores busy.
+
+    Judged where the curve stops growing: a curve that rises from 1 to 2 instances and is flat
+    from 2 to 4 has met its limit at 2.
+    """
     rates = ", ".join(f"{m.throughput:.0f}" for m in curve)
     busy = ", ".join(f"{m.cores_busy:.2f}" for m in curve)
     said = f"{rates} req/s with {busy} of {cores} cores busy"
-    if curve[-1].throughput > curve[0].throughput * 1.1:
+    if curve[-1].throughput > curve[-2].throughput * 1.1:
         return f"{said}: throughput grows with the instances (no limit reached)"
-    if min(m.cores_busy for m in curve) >= 0.9 * cores:
-        server = max(m.server_cores_busy for m in curve)
-        return (f"{said}: the machine's CPU is the limit (every core busy; nats-server "
+    flat = next(i for i in range(len(curve)) if curve[-1].throughput <= curve[i].throughput * 1.1)
+    said += f": throughput grows over the first {flat + 1} runs, then" if flat else ":"
+    at_limit = curve[flat:]
+    if min(m.cores_busy for m in at_limit) >= 0.9 * cores:
+        server = max(m.server_cores_busy for m in at_limit)
+        return (f"{said} the machine's CPU is the limit (every core busy; nats-server "
                 f"up to {server:.2f} of them)")  # fmt: skip
-    if max(m.server_cores_busy for m in curve) >= 0.9:
-        return f"{said}: nats-server is the limit (a core of its own or more)"
-    return f"{said}: neither the CPU nor nats-server is the limit (look at the stage's waits)"
+    if max(m.server_cores_busy for m in at_limit) >= 0.9:
+        return f"{said} nats-server is the limit (a core of its own or more)"
+    return f"{said} neither the CPU nor nats-server is the limit (look at the stage's waits)"
 
 
 def _table(results: list[Measurement]) -> str:

@@ -28,3 +28,13 @@ def test_a_busy_server_on_a_machine_with_room_is_the_limit():
 def test_neither_is_said_when_neither_is_busy():
     verdict = scaling_limit([run(500, 0.5, 0.1), run(510, 0.6, 0.1), run(505, 0.7, 0.1)], 8)
     assert "neither the CPU nor nats-server is the limit" in verdict
+
+
+def test_a_curve_that_rises_then_stays_flat_met_its_limit_where_it_stopped():
+    # 1 -> 2 instances gained 14 %, 2 -> 4 nothing, every core busy: the CPU, not "no limit".
+    verdict = scaling_limit([run(2459, 1.97, 0.4), run(2796, 1.98, 0.4), run(2807, 1.97, 0.4)], 2)
+    assert "no limit" not in verdict
+    assert verdict.endswith(
+        "throughput grows over the first 2 runs, then the machine's CPU is the limit (every "
+        "core busy; nats-server up to 0.40 of them)"
+    )
