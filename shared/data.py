@@ -6,11 +6,12 @@ missing or wrong. A new stage adds its own names; the envelope's schema does not
 docs/PROTOCOL.md lists the names the built-in stages use.
 """
 
+import types
 from collections.abc import Iterable, Mapping
-from typing import Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar, Union, get_args, get_origin
 
 import msgspec
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from shared.envelope import Envelope, Usage, describe_error
 from shared.failure import Reject
@@ -26,10 +27,11 @@ class DataKey(Generic[T]):
         self.name = name
         self.meaning = meaning
         self._kind = kind
-        # A pydantic model is checked by pydantic, with its own config; any other type (a
-        # msgspec struct, a list of str) by msgspec, strictly: "1" is not 1.
-        model = isinstance(kind, type) and issubclass(kind, BaseModel)
-        self._adapter: TypeAdapter[T] | None = TypeAdapter(kind) if model else None
+        self._adapter: TypeAdapter[T] | None = None
+        if not _msgspec_checks(kind):
+            # A model brings its own (strict) config; anything else is checked strictly here.
+            model = isinstance(kind, type) and issubclass(kind, BaseModel)
+            self._adapter = TypeAdapter(kind, config=None if model else ConfigDict(strict=True))
 
     def read(self, envelope: Envelope, default: T = _MISSING) -> T:
         """The value, checked against the type; Reject when it is missing (without a default)
@@ -71,6 +73,29 @@ def write_all(
     for key in drop:
         data.pop(key.name, None)
     return msgspec.structs.replace(envelope, data=data)
+
+
+_PLAIN = (str, int, float, bool, type(None))
+_CONTAINERS = (list, dict, tuple, set, frozenset, Union, types.UnionType)
+
+
+def _msgspec_checks(kind: Any) -> bool:
+    """Whether msgspec checks `kind` wholly, strictly ("1" is not 1), and fast: the builtin
+    types, msgspec structs, and containers and unions of them. A pydantic model or constraint
+    anywhere in it is left to pydantic, which alone knows it."""
+    if kind in _PLAIN or kind is Any:
+        return True
+    if isinstance(kind, type):
+        return issubclass(kind, msgspec.Struct)
+    origin = get_origin(kind)
+    if origin is Literal:
+        return True
+    if origin is Annotated:
+        inner, *extras = get_args(kind)
+        return all(isinstance(e, msgspec.Meta) for e in extras) and _msgspec_checks(inner)
+    if origin in _CONTAINERS:
+        return all(arg is Ellipsis or _msgspec_checks(arg) for arg in get_args(kind))
+    return False
 
 
 def _stored(value: Any) -> Any:

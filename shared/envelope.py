@@ -12,7 +12,11 @@ when Python code builds them: a stage builds its output from values it has alrea
 import re
 import time
 import uuid
+from datetime import date, datetime, timedelta
+from datetime import time as dt_time
+from decimal import Decimal
 from typing import Annotated, Any, Literal, TypeVar
+from uuid import UUID
 
 import msgspec
 import orjson
@@ -21,7 +25,8 @@ from msgspec import Meta
 from shared.errors import InvalidMessage
 
 ENVELOPE_VERSION = 1
-REQUEST_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
+# `(?!\n)`: in Python's re, whose search msgspec uses, `$` also matches before a last newline.
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$(?!\n)"
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 SESSION_ID_MAX = 1024
 
@@ -169,13 +174,16 @@ def validated(value: Any, model: type[M]) -> M:
     """`value` (a dict, or a struct) checked and converted to `model`; InvalidMessage with the
     problem when it does not fit."""
     if isinstance(value, msgspec.Struct):
-        value = msgspec.to_builtins(value)
+        value = msgspec.to_builtins(value, builtin_types=_NOT_JSON)  # left for convert to refuse
     try:
         return msgspec.convert(value, model)
     except msgspec.ValidationError as exc:
         raise InvalidMessage(describe_error(exc)) from None
+    except RecursionError:
+        raise InvalidMessage("nested too deeply") from None
 
 
+_NOT_JSON = (bytes, bytearray, memoryview, datetime, date, dt_time, timedelta, UUID, Decimal)
 _ENCODER = msgspec.json.Encoder()
 _DECODERS: dict[type[Any], "msgspec.json.Decoder[Any]"] = {}
 _VERSIONED = b'{"v":1,'  # how every message `encode` writes starts
@@ -188,6 +196,8 @@ def encode(model: msgspec.Struct) -> bytes:
         return _ENCODER.encode(model)
     except (TypeError, msgspec.EncodeError) as exc:
         raise TypeError(f"not JSON: {exc}") from None
+    except RecursionError:
+        raise TypeError("not JSON: nested too deeply") from None
 
 
 def decode(data: bytes, model: type[W], max_bytes: int) -> W:
@@ -202,7 +212,7 @@ def decode(data: bytes, model: type[W], max_bytes: int) -> W:
             decoder = _DECODERS[model] = msgspec.json.Decoder(model)
         try:
             return decoder.decode(data)
-        except msgspec.MsgspecError:
+        except (msgspec.MsgspecError, RecursionError):
             pass  # the slower path below says precisely what is wrong
     return _decode_checked(data, model)
 
@@ -253,7 +263,9 @@ def peek_ids(data: bytes) -> tuple[str | None, str | None]:
     return (rid if well_formed else None), (sid if sid_ok else None)
 
 
-_WHERE = re.compile(r"(?P<problem>.*?)(?: - at `\$\.?(?P<path>[^`]*)`)?", re.DOTALL)
+_WHERE = re.compile(
+    r"(?P<problem>.*?)(?: - at (?P<key>`key` in )?`\$\.?(?P<path>[^`]*)`)?", re.DOTALL
+)
 _FIELD = re.compile(r"Object (?P<what>contains unknown|missing required) field `(?P<name>.*)`")
 
 
@@ -269,6 +281,8 @@ def describe_error(exc: msgspec.ValidationError, root: str = "") -> str:
         problem = "unknown field" if field["what"] == "contains unknown" else "missing"
     if root:
         path = f"{root}{path}" if path.startswith("[") or not path else f"{root}.{path}"
+    if found["key"]:
+        path = f"{path or '(message)'} (a key)"
     return f"{path or '(message)'}: {problem[:1].lower()}{problem[1:]}"
 
 

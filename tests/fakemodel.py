@@ -27,6 +27,8 @@ class Answer:
     hang: bool = False
     """Never answer (until the server stops)."""
     model: str = "fake-model"
+    usage: dict[str, object] | None = None
+    """The usage to report, in place of one counted from the tokens."""
 
 
 class FakeModelServer:
@@ -103,8 +105,8 @@ class FakeModelServer:
                     "choices": [{"index": 0, "delta": {"content": token}}],
                 }
                 event(json.dumps(chunk))
-            usage = {"prompt_tokens": 7, "completion_tokens": len(answer.tokens),
-                     "total_tokens": 7 + len(answer.tokens)}  # fmt: skip
+            usage = answer.usage or {"prompt_tokens": 7, "completion_tokens": len(answer.tokens),
+                                     "total_tokens": 7 + len(answer.tokens)}  # fmt: skip
             event(json.dumps({"model": answer.model, "choices": [], "usage": usage}))
             event("[DONE]")
             handler.wfile.write(b"0\r\n\r\n")

@@ -247,7 +247,7 @@ def _message(error: Any) -> str:
 def _usage(model: str, raw: dict[str, Any]) -> Usage:
     def count(key: str) -> int | None:
         value = raw.get(key)
-        return value if isinstance(value, int) else None
+        return value if type(value) is int else None  # not a bool, which is an int too
 
     return Usage(model=model, prompt_tokens=count("prompt_tokens"),
                  completion_tokens=count("completion_tokens"))  # fmt: skip

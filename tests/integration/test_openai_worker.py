@@ -6,9 +6,10 @@ import asyncio
 import json
 import time
 
+import msgspec
 import pytest
 
-from shared.envelope import Usage
+from shared.envelope import Usage, validated
 from shared.workers import ModelRefused, ModelUnavailable, OpenAIOptions, OpenAIWorker
 from tests.fakemodel import Answer, FakeModelServer
 
@@ -58,6 +59,14 @@ async def test_streams_tokens_and_usage_with_the_configured_request(server, monk
         0.0, ["END"], 5, "s1")  # fmt: skip
     assert body["stream_options"] == {"include_usage": True}
     assert KEY not in repr(w) and KEY not in repr(w.options)
+
+
+async def test_a_usage_count_that_is_not_an_integer_is_left_out(server):
+    # A bool is an int to Python, not a count: the usage read later would be refused.
+    server.script = [Answer(tokens=["a"], usage={"prompt_tokens": True, "completion_tokens": "2"})]
+    _, usage = await answer(worker(server))
+    assert usage == Usage(model="fake-model")
+    assert validated(msgspec.to_builtins(usage), Usage) == usage
 
 
 async def test_the_api_key_can_come_from_a_file(server, tmp_path):

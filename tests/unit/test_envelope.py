@@ -195,3 +195,36 @@ def test_validated_checks_what_python_code_built():
     built = Request(request_id="has.dots", session_id="s", input="x", created_at=1.0)
     with pytest.raises(InvalidMessage, match="request_id"):
         validated(built, Request)
+
+
+def test_a_request_id_with_a_last_newline_is_refused():
+    # Python's `$` matches before a last newline; the id would break the result's subject.
+    data = b'{"v":1,"request_id":"abc\\n","session_id":"s","input":"x","created_at":1}'
+    with pytest.raises(InvalidMessage, match="request_id"):
+        decode(data, Request, 10_000)
+    with pytest.raises(InvalidMessage, match="request_id"):
+        new_request("q", "s", request_id="abc\n")
+
+
+def test_data_nested_too_deeply_is_invalid_not_a_crash():
+    deep = b"[" * 5000 + b"]" * 5000
+    data = b'{"v":1,"request_id":"a","session_id":"s","input":"x","created_at":1,"data":{"k":'
+    with pytest.raises(InvalidMessage, match="depth"):
+        decode(data + deep + b"}}", Envelope, 100_000)
+    nested: list[object] = []
+    for _ in range(5000):
+        nested = [nested]
+    env = Envelope(request_id="a", session_id="s", input="x", created_at=1.0)
+    with pytest.raises(TypeError, match="nested too deeply"):
+        encode(env.with_data(k=nested))
+
+
+def test_validated_refuses_values_json_would_only_carry_as_text():
+    built = Request(request_id="a", session_id="s", input="x", created_at=1.0,
+                    metadata={"raw": b"\x00\x01"})  # fmt: skip
+    with pytest.raises(InvalidMessage, match="got `bytes`"):
+        validated(built, Request)
+    keyed = {"request_id": "a", "session_id": "s", "input": "x", "created_at": 1.0,
+             "metadata": {1: "x"}}  # fmt: skip
+    with pytest.raises(InvalidMessage, match=re.escape("metadata (a key): expected `str`")):
+        validated(keyed, Request)
