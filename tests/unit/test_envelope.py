@@ -91,10 +91,24 @@ def test_with_data_sets_and_removes_keys_without_touching_the_original():
             b'{"v":1,"request_id":"a","session_id":"s","input":"x","created_at":"1"}',
             "created_at: expected `float`, got `str`",
         ),
+        # what JSON cannot say, and faults inside nested records
+        (b'{"v":1,"request_id":"a","session_id":"s","input":"x","created_at":NaN}', "not valid"),
+        (b'{"v":1,"request_id":"a","session_id":"s","input":"x","created_at":1e400}', "not valid"),
+        (b'{"v":1,"request_id":"a","session_id":"s","input":"\\ud800","created_at":1}', "valid"),
+        (
+            b'{"v":1,"request_id":"a","session_id":"s","input":"x","created_at":1,'
+            b'"hops":[{"stage":"s","instance":"i","received":1}]}',
+            "hops[0].done: missing",
+        ),
+        (
+            b'{"v":1,"request_id":"a","session_id":"s","input":"x","created_at":1,'
+            b'"hops":[{"stage":"s","instance":"i","received":1,"done":2,"x":0}]}',
+            "hops[0].x: unknown field",
+        ),
     ],
 )
 def test_bad_messages_name_the_problem(data, expected):
-    with pytest.raises(InvalidMessage, match=expected.replace("(", r"\(")):
+    with pytest.raises(InvalidMessage, match=re.escape(expected)):
         decode(data, Envelope, 10_000)
 
 
@@ -149,29 +163,6 @@ def test_messages_in_another_layout_are_checked_as_fully():
     ]:  # fmt: skip
         with pytest.raises(InvalidMessage, match=problem):
             decode(bad, Request, 10_000)
-
-
-@pytest.mark.parametrize(
-    ("data", "expected"),
-    [
-        (b'{"v":1,"request_id":"a","session_id":"s","input":"x","created_at":NaN}', "not valid"),
-        (b'{"v":1,"request_id":"a","session_id":"s","input":"x","created_at":1e400}', "not valid"),
-        (b'{"v":1,"request_id":"a","session_id":"s","input":"\\ud800","created_at":1}', "valid"),
-        (
-            b'{"v":1,"request_id":"a","session_id":"s","input":"x","created_at":1,'
-            b'"hops":[{"stage":"s","instance":"i","received":1}]}',
-            "hops[0].done: missing",
-        ),
-        (
-            b'{"v":1,"request_id":"a","session_id":"s","input":"x","created_at":1,'
-            b'"hops":[{"stage":"s","instance":"i","received":1,"done":2,"x":0}]}',
-            "hops[0].x: unknown field",
-        ),
-    ],
-)
-def test_what_json_cannot_say_and_faults_in_nested_records_are_refused(data, expected):
-    with pytest.raises(InvalidMessage, match=expected.replace("[", r"\[")):
-        decode(data, Envelope, 10_000)
 
 
 def test_an_outcome_and_a_result_carry_every_field_even_at_its_default():
